@@ -1,0 +1,383 @@
+//! Configuration: one typed tree, loaded once at start-up from defaults, an
+//! optional TOML file and `DOCKYARD_*` environment variables (in that order of
+//! precedence, the last winning). Nothing reads the environment after this.
+//!
+//! Environment names are the setting's path joined by `_` and upper-cased:
+//! `storage.kind` is `DOCKYARD_STORAGE_KIND`, `data_dir` is
+//! `DOCKYARD_DATA_DIR`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database and filesystem blob storage.
+    pub data_dir: PathBuf,
+    /// Metadata database.
+    pub database: DatabaseConfig,
+    /// Blob storage.
+    pub storage: StorageConfig,
+    /// TLS: serve HTTPS when both files are set.
+    pub tls: TlsConfig,
+    /// Registry limits.
+    pub registry: RegistryConfig,
+    /// Garbage collection.
+    pub gc: GcConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:5000".parse().expect("static address"),
+            data_dir: PathBuf::from("dockyard-data"),
+            database: DatabaseConfig::default(),
+            storage: StorageConfig::default(),
+            tls: TlsConfig::default(),
+            registry: RegistryConfig::default(),
+            gc: GcConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`. Default: `sqlite://<data_dir>/dockyard.db`.
+    pub url: Option<String>,
+    /// Largest number of pooled connections.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    #[default]
+    Filesystem,
+    S3,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `filesystem` (default) or `s3`.
+    pub kind: StorageKind,
+    /// Filesystem root. Default: `<data_dir>/storage`.
+    pub path: Option<PathBuf>,
+    /// S3 bucket.
+    pub bucket: Option<String>,
+    /// S3 endpoint URL, for S3-compatible servers (MinIO, Garage, …).
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: String,
+    /// S3 access key id; from the environment's usual AWS variables if unset.
+    pub access_key_id: Option<String>,
+    /// S3 secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints (for a local S3 server).
+    pub allow_http: bool,
+    /// Key prefix inside the bucket.
+    pub prefix: Option<String>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            kind: StorageKind::Filesystem,
+            path: None,
+            bucket: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            prefix: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Largest manifest accepted, in bytes.
+    pub max_manifest_size: u64,
+    /// Largest page of `_catalog` and tag lists.
+    pub max_page_size: u32,
+    /// Upload sessions untouched this long are abandoned and removed.
+    #[serde(with = "humantime_serde")]
+    pub upload_expiry: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            max_manifest_size: 4 * 1024 * 1024,
+            max_page_size: 10_000,
+            upload_expiry: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Blobs younger than this are never collected, so in-flight pushes are
+    /// safe.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace_period: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (default) or `text`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `dockyard=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Sections whose keys can be set from the environment as
+/// `DOCKYARD_<SECTION>_<KEY>`.
+const SECTIONS: [&str; 6] = ["database", "storage", "tls", "registry", "gc", "log"];
+const TOP_LEVEL: [&str; 2] = ["listen", "data_dir"];
+
+/// Maps an environment variable name (without `DOCKYARD_`, lower-cased) to a
+/// setting path, or `None` when it is not a setting (e.g. `DOCKYARD_URL` used
+/// by the CLI).
+fn env_key(key: &str) -> Option<String> {
+    if TOP_LEVEL.contains(&key) {
+        return Some(key.to_string());
+    }
+    SECTIONS.iter().find_map(|s| {
+        key.strip_prefix(s)
+            .and_then(|r| r.strip_prefix('_'))
+            .filter(|r| !r.is_empty())
+            .map(|r| format!("{s}.{r}"))
+    })
+}
+
+/// A configuration that could not be loaded or is inconsistent; `Display`
+/// lists every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// The figment this configuration is extracted from; exposed so the
+    /// binary can merge command-line flags on top.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut f = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            f = f.merge(Toml::file_exact(file));
+        }
+        f.merge(
+            Env::prefixed("DOCKYARD_")
+                .filter_map(|k| env_key(&k.as_str().to_ascii_lowercase()).map(Into::into))
+                .split("."),
+        )
+    }
+
+    /// Loads and validates.
+    pub fn load(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(|e| e.to_string()).collect(),
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Every inconsistency between settings, in words an operator can act on.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) | (None, Some(_)) => p.push(
+                "tls: set both tls.cert and tls.key (DOCKYARD_TLS_CERT, DOCKYARD_TLS_KEY), or neither"
+                    .into(),
+            ),
+            (Some(c), Some(k)) => {
+                for (what, f) in [("tls.cert", c), ("tls.key", k)] {
+                    if !f.is_file() {
+                        p.push(format!("{what}: {} is not a readable file", f.display()));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        if self.storage.kind == StorageKind::S3 && self.storage.bucket.is_none() {
+            p.push("storage.bucket: required when storage.kind = \"s3\" (DOCKYARD_STORAGE_BUCKET)".into());
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"))
+        {
+            p.push(format!(
+                "database.url: {url:?} must start with sqlite:// or postgres://"
+            ));
+        }
+        if self.database.max_connections == 0 {
+            p.push("database.max_connections: must be at least 1".into());
+        }
+        if self.registry.max_manifest_size < 1024 {
+            p.push("registry.max_manifest_size: must be at least 1024 bytes".into());
+        }
+        if self.registry.max_page_size == 0 {
+            p.push("registry.max_page_size: must be at least 1".into());
+        }
+        if let Err(e) = self.log.level.parse::<LevelCheck>() {
+            p.push(format!("log.level: {e}"));
+        }
+        p
+    }
+
+    /// The database URL, defaulting to SQLite in the data directory.
+    pub fn database_url(&self) -> String {
+        self.database.url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("dockyard.db").display())
+        })
+    }
+
+    /// The filesystem storage root.
+    pub fn storage_path(&self) -> PathBuf {
+        self.storage
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("storage"))
+    }
+}
+
+/// A light syntax check of a `tracing` filter string, so that `config check`
+/// can report it without this crate depending on `tracing-subscriber`.
+struct LevelCheck;
+
+impl std::str::FromStr for LevelCheck {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for directive in s.split(',').filter(|d| !d.is_empty()) {
+            let level = directive.rsplit('=').next().unwrap_or("");
+            let bare = !directive.contains('=');
+            if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) && !bare {
+                return Err(format!("{level:?} is not a level ({})", LEVELS.join(", ")));
+            }
+            if bare
+                && !LEVELS.contains(&level.to_ascii_lowercase().as_str())
+                && !level
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            {
+                return Err(format!("{directive:?} is not a level or a target"));
+            }
+        }
+        Ok(LevelCheck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys() {
+        assert_eq!(env_key("listen").as_deref(), Some("listen"));
+        assert_eq!(env_key("data_dir").as_deref(), Some("data_dir"));
+        assert_eq!(env_key("storage_kind").as_deref(), Some("storage.kind"));
+        assert_eq!(
+            env_key("registry_max_manifest_size").as_deref(),
+            Some("registry.max_manifest_size")
+        );
+        assert_eq!(env_key("url"), None);
+        assert_eq!(env_key("bootstrap_admin"), None);
+        assert_eq!(env_key("storage"), None);
+    }
+
+    #[test]
+    fn file_env_and_problems() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "d.toml",
+                "listen = \"127.0.0.1:7000\"\n[storage]\nkind = \"s3\"\n[tls]\ncert = \"nope.pem\"\n",
+            )?;
+            jail.set_env("DOCKYARD_LISTEN", "127.0.0.1:7001");
+            let err = Config::load(Config::figment(Some(Path::new("d.toml")))).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("storage.bucket"), "{text}");
+            assert!(text.contains("tls.key"), "{text}");
+            jail.set_env("DOCKYARD_STORAGE_BUCKET", "b");
+            jail.create_file("d.toml", "listen = \"127.0.0.1:7000\"\n")?;
+            let c = Config::load(Config::figment(Some(Path::new("d.toml")))).unwrap();
+            assert_eq!(c.listen.port(), 7001);
+            assert_eq!(c.storage.bucket.as_deref(), Some("b"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("d.toml", "listn = \"x\"\n[registry]\nmax_manifest_size = \"big\"\n")?;
+            let err = Config::load(Config::figment(Some(Path::new("d.toml")))).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("listn") || text.contains("max_manifest_size"), "{text}");
+            Ok(())
+        });
+    }
+}
