@@ -264,10 +264,15 @@ impl Config {
             (None, None) => {}
         }
         if self.storage.kind == StorageKind::S3 && self.storage.bucket.is_none() {
-            p.push("storage.bucket: required when storage.kind = \"s3\" (DOCKYARD_STORAGE_BUCKET)".into());
+            p.push(
+                "storage.bucket: required when storage.kind = \"s3\" (DOCKYARD_STORAGE_BUCKET)"
+                    .into(),
+            );
         }
         if let Some(url) = &self.database.url
-            && !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"))
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres:")
+                || url.starts_with("postgresql:"))
         {
             p.push(format!(
                 "database.url: {url:?} must start with sqlite:// or postgres://"
@@ -290,9 +295,10 @@ impl Config {
 
     /// The database URL, defaulting to SQLite in the data directory.
     pub fn database_url(&self) -> String {
-        self.database.url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("dockyard.db").display())
-        })
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("dockyard.db").display()))
     }
 
     /// The filesystem storage root.
@@ -373,10 +379,16 @@ mod tests {
     #[test]
     fn unknown_and_mistyped_keys_are_named() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("d.toml", "listn = \"x\"\n[registry]\nmax_manifest_size = \"big\"\n")?;
+            jail.create_file(
+                "d.toml",
+                "listn = \"x\"\n[registry]\nmax_manifest_size = \"big\"\n",
+            )?;
             let err = Config::load(Config::figment(Some(Path::new("d.toml")))).unwrap_err();
             let text = err.to_string();
-            assert!(text.contains("listn") || text.contains("max_manifest_size"), "{text}");
+            assert!(
+                text.contains("listn") || text.contains("max_manifest_size"),
+                "{text}"
+            );
             Ok(())
         });
     }

@@ -109,7 +109,11 @@ impl FromStr for Tag {
             && b[1..]
                 .iter()
                 .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
-        if ok { Ok(Tag(s.to_string())) } else { Err(TagError) }
+        if ok {
+            Ok(Tag(s.to_string()))
+        } else {
+            Err(TagError)
+        }
     }
 }
 
@@ -166,7 +170,14 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "library/ubuntu", "a-b/c.d/e__f", "a---b", "0/1/2", "my_repo"] {
+        for ok in [
+            "a",
+            "library/ubuntu",
+            "a-b/c.d/e__f",
+            "a---b",
+            "0/1/2",
+            "my_repo",
+        ] {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok}");
         }
         for bad in [

@@ -126,9 +126,9 @@ pub fn parse_route(path: &str) -> Result<Route, RouteError> {
     }
     if let Some((n, r)) = split_tail(rest, "/manifests/") {
         let n = name(n)?;
-        let r: Reference = r
-            .parse()
-            .map_err(|e: crate::name::ReferenceError| RouteError::ReferenceInvalid(e.to_string()))?;
+        let r: Reference = r.parse().map_err(|e: crate::name::ReferenceError| {
+            RouteError::ReferenceInvalid(e.to_string())
+        })?;
         return Ok(Route::Manifest(n, r));
     }
     if let Some((n, d)) = split_tail(rest, "/blobs/") {

@@ -1,0 +1,230 @@
+//! The registry: the OCI Distribution API under `/v2`, the content store,
+//! registry metadata, upload sessions and garbage collection.
+//!
+//! It owns everything a `/v2` request touches. It must not know about users,
+//! builds, signing or webhooks: those crates react to what happens here
+//! through the event log (a later issue) and reach the registry through the
+//! HTTP API or small traits owned by `dockyard-core`.
+//!
+//! **API boundary:** [`router`] is the whole HTTP surface; [`Registry`] is the
+//! state it serves from; [`gc`] is the offline collector.
+
+pub mod error;
+pub mod gc;
+pub mod meta;
+pub mod storage;
+
+mod blobs;
+mod http_util;
+mod manifests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use dockyard_core::Config;
+use dockyard_core::config::RegistryConfig;
+use dockyard_oci::{DigestHasher, ErrorCode, Route, RouteError, parse_route};
+
+pub use error::{RegistryError, Result};
+pub use meta::Meta;
+pub use storage::Storage;
+
+/// State of an upload session kept in memory between requests, so that the
+/// digest is computed while bytes stream in. Lost on restart, which only
+/// costs a re-read of the upload's parts when it completes.
+pub(crate) struct UploadState {
+    /// Bytes hashed so far; valid only while equal to the session's size.
+    pub size: u64,
+    /// Running hash of the bytes so far (sha256), if known.
+    pub hasher: Option<DigestHasher>,
+}
+
+/// Everything a registry request needs.
+pub struct Registry {
+    /// Metadata database.
+    pub meta: Meta,
+    /// Blob store.
+    pub storage: Storage,
+    /// Limits.
+    pub config: RegistryConfig,
+    /// In-memory state of upload sessions, one lock per session so that two
+    /// requests for the same session never write at the same offset.
+    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<UploadState>>>>,
+}
+
+impl Registry {
+    pub fn new(meta: Meta, storage: Storage, config: RegistryConfig) -> Registry {
+        Registry {
+            meta,
+            storage,
+            config,
+            uploads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens storage and database from the configuration.
+    pub async fn open(config: &Config) -> std::result::Result<Registry, OpenError> {
+        let db =
+            dockyard_core::Db::connect(&config.database_url(), config.database.max_connections)
+                .await?;
+        let storage = Storage::from_config(&config.storage, config.storage_path())?;
+        Ok(Registry::new(
+            Meta::new(db),
+            storage,
+            config.registry.clone(),
+        ))
+    }
+
+    pub(crate) fn upload_state(&self, id: &str) -> Arc<tokio::sync::Mutex<UploadState>> {
+        let mut map = self.uploads.lock().expect("upload map poisoned");
+        map.entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(UploadState {
+                    size: u64::MAX,
+                    hasher: None,
+                }))
+            })
+            .clone()
+    }
+
+    pub(crate) fn forget_upload(&self, id: &str) {
+        self.uploads.lock().expect("upload map poisoned").remove(id);
+    }
+
+    pub(crate) fn start_upload_state(&self, id: &str) {
+        self.uploads.lock().expect("upload map poisoned").insert(
+            id.to_string(),
+            Arc::new(tokio::sync::Mutex::new(UploadState {
+                size: 0,
+                hasher: Some(DigestHasher::new(dockyard_oci::Algorithm::Sha256)),
+            })),
+        );
+    }
+
+    /// Removes upload sessions idle for longer than the configured expiry,
+    /// with their stored parts. Returns how many were removed.
+    pub async fn expire_uploads(&self) -> Result<usize> {
+        let before = dockyard_core::now_millis() - self.config.upload_expiry.as_millis() as i64;
+        let stale = self.meta.stale_uploads(before).await?;
+        for id in &stale {
+            self.meta.delete_upload(id).await?;
+            self.forget_upload(id);
+            if let Err(e) = self
+                .storage
+                .delete_prefix(&Storage::upload_prefix(id))
+                .await
+            {
+                tracing::warn!(upload = %id, error = %e, "could not delete parts of an expired upload");
+            }
+        }
+        Ok(stale.len())
+    }
+
+    /// Whether database and storage answer.
+    pub async fn ready(&self) -> std::result::Result<(), String> {
+        self.meta.db.ping().await.map_err(|e| e.to_string())?;
+        self.storage.ping().await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Why the registry could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Db(#[from] dockyard_core::DbError),
+    #[error("cannot open storage: {0}")]
+    Storage(#[from] storage::StorageError),
+}
+
+/// The `/v2` router.
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v2", any(dispatch))
+        .route("/v2/", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .with_state(registry)
+        .layer(axum::middleware::map_response(api_version_header))
+}
+
+async fn api_version_header(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+/// The route a request was parsed into, stored as a request extension so
+/// middleware (metrics, auth) can label and authorize by it.
+#[derive(Clone, Debug)]
+pub struct RouteKind(pub &'static str);
+
+fn route_error(e: RouteError, method: &Method) -> RegistryError {
+    match e {
+        RouteError::NotFound => RegistryError::NotFound,
+        RouteError::NameInvalid(m) => RegistryError::with_message(ErrorCode::NameInvalid, m),
+        RouteError::DigestInvalid(m) => RegistryError::with_message(ErrorCode::DigestInvalid, m),
+        RouteError::UploadInvalid => RegistryError::spec(ErrorCode::BlobUploadUnknown),
+        RouteError::ReferenceInvalid(m) if method == Method::PUT => {
+            RegistryError::with_message(ErrorCode::ManifestInvalid, m)
+        }
+        RouteError::ReferenceInvalid(m) => {
+            RegistryError::with_message(ErrorCode::ManifestUnknown, m)
+        }
+    }
+}
+
+async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let route = match parse_route(req.uri().path()) {
+        Ok(r) => r,
+        Err(e) => return route_error(e, &method).into_response(),
+    };
+    let kind = route.kind();
+    let mut resp = match handle(&reg, route, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    resp.extensions_mut().insert(RouteKind(kind));
+    resp
+}
+
+async fn handle(reg: &Arc<Registry>, route: Route, req: Request) -> Result<Response> {
+    let method = req.method().clone();
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => Ok((
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            Body::from("{}"),
+        )
+            .into_response()),
+        (Route::Catalog, Method::GET) => manifests::catalog(reg, req).await,
+        (Route::Tags(name), Method::GET) => manifests::tags(reg, &name, req).await,
+        (Route::Manifest(name, r), Method::GET) => manifests::get(reg, &name, &r, req, true).await,
+        (Route::Manifest(name, r), Method::HEAD) => {
+            manifests::get(reg, &name, &r, req, false).await
+        }
+        (Route::Manifest(name, r), Method::PUT) => manifests::put(reg, &name, &r, req).await,
+        (Route::Manifest(name, r), Method::DELETE) => manifests::delete(reg, &name, &r).await,
+        (Route::Referrers(name, d), Method::GET) => manifests::referrers(reg, &name, &d, req).await,
+        (Route::Blob(name, d), Method::GET) => blobs::get(reg, &name, &d, req, true).await,
+        (Route::Blob(name, d), Method::HEAD) => blobs::get(reg, &name, &d, req, false).await,
+        (Route::Blob(name, d), Method::DELETE) => blobs::delete(reg, &name, &d).await,
+        (Route::UploadStart(name), Method::POST) => blobs::start_upload(reg, &name, req).await,
+        (Route::Upload(name, id), Method::GET) => blobs::upload_status(reg, &name, &id).await,
+        (Route::Upload(name, id), Method::PATCH) => blobs::patch_upload(reg, &name, &id, req).await,
+        (Route::Upload(name, id), Method::PUT) => blobs::finish_upload(reg, &name, &id, req).await,
+        (Route::Upload(name, id), Method::DELETE) => blobs::cancel_upload(reg, &name, &id).await,
+        (_, m) => Err(RegistryError::with_message(
+            ErrorCode::Unsupported,
+            format!("method {m} is not supported on this endpoint"),
+        )),
+    }
+}

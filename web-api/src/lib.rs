@@ -1,0 +1,224 @@
+//! Composes Dockyard's HTTP surface into one router and serves it.
+//!
+//! Owns: the router composition (registry `/v2`, and later `/api/v1` and the
+//! UI), cross-cutting middleware (request ids, tracing spans, Prometheus
+//! metrics, timeouts), the operations endpoints (`/healthz`, `/readyz`,
+//! `/metrics`) and the listener (plain HTTP or rustls TLS 1.2/1.3).
+//! It must not implement registry behaviour itself: it only wires crates.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dockyard_core::Config;
+use dockyard_registry::{Registry, RouteKind};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Open(#[from] dockyard_registry::OpenError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State of the operations endpoints.
+#[derive(Clone)]
+struct Ops {
+    /// The registry, for readiness checks.
+    registry: Arc<Registry>,
+    /// Renders the Prometheus exposition.
+    metrics: PrometheusHandle,
+}
+
+/// The process-wide Prometheus recorder (installed once, shared by every
+/// server in the process, e.g. in tests).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
+                ])
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); our
+            // handle then renders nothing, which the tests would notice.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole application router.
+pub fn app(registry: Arc<Registry>) -> Router {
+    let ops = Ops {
+        registry: registry.clone(),
+        metrics: metrics_handle(),
+    };
+    // Everything but /v2 gets a global timeout; blob transfers may take as
+    // long as they need.
+    let ops_routes = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(ops)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ));
+    Router::new()
+        .merge(dockyard_registry::router(registry))
+        .merge(ops_routes)
+        .layer(axum::middleware::from_fn(record_metrics))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .extensions()
+                    .get::<RequestId>()
+                    .and_then(|id| id.header_value().to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    match ops.registry.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
+    }
+}
+
+async fn render_metrics(State(ops): State<Ops>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        ops.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Requests by route and status, and latency by route.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let route = resp
+        .extensions()
+        .get::<RouteKind>()
+        .map(|k| k.0.to_string())
+        .or(matched)
+        .unwrap_or_else(|| "unmatched".into());
+    let status = resp.status().as_u16().to_string();
+    let labels = [("route", route), ("method", method)];
+    metrics::counter!(
+        "dockyard_http_requests_total",
+        &[
+            ("route", labels[0].1.clone()),
+            ("method", labels[1].1.clone()),
+            ("status", status)
+        ]
+    )
+    .increment(1);
+    metrics::histogram!("dockyard_http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Opens the registry from `config` and serves until `shutdown` fires.
+/// `on_listen` receives the bound address (useful with port 0).
+pub async fn serve(
+    config: Config,
+    shutdown: CancellationToken,
+    on_listen: impl FnOnce(std::net::SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    let registry = Arc::new(Registry::open(&config).await?);
+    let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
+    let app = app(registry);
+    let addr = config.listen;
+    let result = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(|e| ServeError::Tls(e.to_string()))?;
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            listener.set_nonblocking(true)?;
+            on_listen(listener.local_addr()?);
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                s.cancelled().await;
+                h.graceful_shutdown(Some(Duration::from_secs(30)));
+            });
+            axum_server::from_tcp_rustls(listener, tls)
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .map_err(ServeError::Io)
+        }
+        _ => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            on_listen(listener.local_addr()?);
+            let s = shutdown.clone();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .map_err(ServeError::Io)
+        }
+    };
+    shutdown.cancel();
+    let _ = maintenance.await;
+    result
+}
+
+/// Periodic housekeeping: expire abandoned upload sessions.
+async fn maintenance(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                match registry.expire_uploads().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "removed abandoned upload sessions"),
+                    Err(e) => tracing::warn!(error = %e, "upload expiry failed"),
+                }
+            }
+        }
+    }
+}
