@@ -68,9 +68,11 @@ impl TestApp {
     /// Boots a server after `tweak` adjusted the configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.data_dir = dir.path().to_path_buf();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
         config.database.url = database_url(dir.path()).await;
         if let Some((endpoint, bucket)) = s3_bucket().await {
             config.storage.kind = StorageKind::S3;

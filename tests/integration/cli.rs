@@ -1,0 +1,233 @@
+//! The `dockyard` command line: help, `config check`, and `serve` as a real
+//! process (flags, environment overrides, TLS 1.2 and 1.3).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn dockyard() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dockyard"));
+    // Only the variables a test sets reach the process.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DOCKYARD_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn help_lists_subcommands() {
+    let out = dockyard().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in ["serve", "config", "gc", "migrate"] {
+        assert!(text.contains(sub), "{sub} missing from --help:\n{text}");
+    }
+    let out = dockyard().args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--listen") && text.contains("--data-dir") && text.contains("--config"),
+        "{text}"
+    );
+}
+
+#[test]
+fn config_check_explains_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dockyard.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:5000\"\n[storage]\nkind = \"s3\"\n[tls]\ncert = \"/nonexistent/cert.pem\"\n[database]\nurl = \"mysql://x\"\n",
+    )
+    .unwrap();
+    let out = dockyard()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["storage.bucket", "tls", "database.url", "problem"] {
+        assert!(err.contains(needle), "{needle} not explained:\n{err}");
+    }
+    // Unknown keys and wrong types are named too.
+    std::fs::write(&file, "listn = \"x\"\n").unwrap();
+    let out = dockyard()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listn"));
+    std::fs::write(&file, "[registry]\nmax_manifest_size = \"big\"\n").unwrap();
+    let out = dockyard()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_manifest_size"));
+    // Environment overrides the file.
+    std::fs::write(&file, "[storage]\nkind = \"s3\"\n").unwrap();
+    let out = dockyard()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .env("DOCKYARD_STORAGE_KIND", "filesystem")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dockyard()
+        .args(["config", "show", "--config"])
+        .arg(&file)
+        .env("DOCKYARD_STORAGE_KIND", "filesystem")
+        .env("DOCKYARD_LISTEN", "127.0.0.1:7777")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("kind = \"filesystem\"") && shown.contains("127.0.0.1:7777"),
+        "{shown}"
+    );
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_up(client: &reqwest::Client, url: &str) -> reqwest::Response {
+    for _ in 0..100 {
+        if let Ok(r) = client.get(url).send().await {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server at {url} did not come up");
+}
+
+#[tokio::test]
+async fn serve_with_flags_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("log");
+    let child = Child(
+        dockyard()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let r = wait_up(&client, &format!("http://127.0.0.1:{port}/v2/")).await;
+    assert_eq!(r.status(), 200);
+    client
+        .get(format!("http://127.0.0.1:{port}/v2/x/tags/list"))
+        .header("authorization", "Basic c2VjcmV0OnNlY3JldA==")
+        .send()
+        .await
+        .unwrap();
+    assert!(dir.path().join("data/dockyard.db").exists());
+    drop(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("listening")),
+        "{text}"
+    );
+    // Every request line carries its request id; credentials never appear.
+    assert!(
+        lines.iter().any(|l| l["span"]["request_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 36)),
+        "{text}"
+    );
+    assert!(
+        !text.contains("c2VjcmV0") && !text.to_lowercase().contains("authorization"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn serve_tls_12_and_13() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let port = free_port();
+    let _child = Child(
+        dockyard()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .env("DOCKYARD_TLS_CERT", dir.path().join("cert.pem"))
+            .env("DOCKYARD_TLS_KEY", dir.path().join("key.pem"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let url = format!("https://localhost:{port}/v2/");
+    for (min, max) in [
+        (
+            reqwest::tls::Version::TLS_1_2,
+            reqwest::tls::Version::TLS_1_2,
+        ),
+        (
+            reqwest::tls::Version::TLS_1_3,
+            reqwest::tls::Version::TLS_1_3,
+        ),
+    ] {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(root.clone())
+            .min_tls_version(min)
+            .max_tls_version(max)
+            .resolve("localhost", ([127, 0, 0, 1], port).into())
+            .build()
+            .unwrap();
+        let r = wait_up(&client, &url).await;
+        assert_eq!(r.status(), 200, "{min:?}");
+        assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
+    }
+    // Plain HTTP on the TLS port is not served.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v2/"))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}
