@@ -7,5 +7,6 @@
 //! - `DOCKYARD_TEST_S3_ENDPOINT`: store blobs in that S3 server (a fresh
 //!   bucket per test) instead of the filesystem.
 
+mod cli;
 mod harness;
 mod registry_api;
