@@ -1,8 +1,9 @@
 -- Registry metadata. Timestamps are Unix milliseconds.
+-- Names sort bytewise ("C") so pagination matches SQLite and the spec.
 
 CREATE TABLE repositories (
     id BIGSERIAL PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
+    name TEXT COLLATE "C" NOT NULL UNIQUE,
     created_at BIGINT NOT NULL
 );
 
@@ -57,7 +58,7 @@ CREATE TABLE manifest_children (
 
 CREATE TABLE tags (
     repository_id BIGINT NOT NULL,
-    name TEXT NOT NULL,
+    name TEXT COLLATE "C" NOT NULL,
     digest TEXT NOT NULL,
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (repository_id, name),
