@@ -1,7 +1,7 @@
 //! Blob reads, blob deletion and upload sessions (monolithic, chunked,
 //! streamed, cross-repository mount).
 //!
-//! An upload's bytes are stored as parts named by their offset; the session
+//! An upload's bytes are staged by the content store (see `storage`); the session
 //! row in the database records how many bytes were accepted, so a session
 //! survives a restart and the client resumes at the same `Location`. A blob
 //! becomes visible (blob row + repository link) only after its digest was
@@ -15,7 +15,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dockyard_oci::{Digest, DigestHasher, ErrorCode, RepoName};
 use futures::StreamExt;
-use object_store::path::Path;
 
 use crate::error::{RegistryError, Result};
 use crate::http_util::{byte_range, content_length, content_range, header as hdr, param, query};
@@ -269,7 +268,7 @@ pub async fn cancel_upload(reg: &Arc<Registry>, name: &RepoName, id: &str) -> Re
     reg.meta.delete_upload(id).await?;
     reg.forget_upload(id);
     reg.storage
-        .delete_prefix(&Storage::upload_prefix(id))
+        .upload_delete(id)
         .await
         .map_err(|e| RegistryError::Internal(e.to_string()))?;
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_LENGTH, "0")]).into_response())
@@ -324,7 +323,6 @@ async fn append(
         None
     };
     state.size = u64::MAX;
-    let part = Storage::upload_part_key(id, row.size);
     let _in_flight = InFlight::new();
     let body = req.into_body().into_data_stream().map(|c| {
         if let Ok(c) = &c {
@@ -334,29 +332,21 @@ async fn append(
     });
     let n = reg
         .storage
-        .write(&part, body, hasher.as_mut(), expected)
+        .upload_append(id, row.size, body, hasher.as_mut(), expected)
         .await
         .map_err(write_error)?;
-    let discard = |reg: &Arc<Registry>, part: Path| {
-        let reg = reg.clone();
-        async move {
-            let _ = reg.storage.delete(&part).await;
-        }
-    };
-    if n == 0 {
-        discard(reg, part).await;
-        state.size = row.size;
-        state.hasher = hasher;
-        return Ok(row.size);
-    }
     if let Some(len) = expected
         && len != n
     {
-        discard(reg, part).await;
         return Err(RegistryError::with_message(
             ErrorCode::SizeInvalid,
             format!("Content-Range announces {len} bytes but {n} arrived"),
         ));
+    }
+    if n == 0 {
+        state.size = row.size;
+        state.hasher = hasher;
+        return Ok(row.size);
     }
     let new_size = row.size + n;
     if !reg.meta.advance_upload(id, row.size, new_size).await? {
@@ -432,13 +422,12 @@ async fn complete(
     if has_body {
         row.size = append(reg, name, id, &row, &mut state, req).await?;
     }
-    let parts = upload_parts(reg, id, row.size).await?;
     let computed = match state.hasher.take() {
         Some(h) if state.size == row.size && h.algorithm() == digest.algorithm() => h.finish(),
         _ => {
             let mut h = DigestHasher::new(digest.algorithm());
             reg.storage
-                .hash(&parts, &mut h)
+                .upload_hash(id, row.size, &mut h)
                 .await
                 .map_err(|e| RegistryError::Internal(e.to_string()))?;
             h.finish()
@@ -448,7 +437,7 @@ async fn complete(
     if computed != digest {
         reg.meta.delete_upload(id).await?;
         reg.forget_upload(id);
-        let _ = reg.storage.delete_prefix(&Storage::upload_prefix(id)).await;
+        let _ = reg.storage.upload_delete(id).await;
         return Err(RegistryError::with_message(
             ErrorCode::DigestInvalid,
             format!("uploaded content has digest {computed}, not {digest}"),
@@ -463,77 +452,21 @@ async fn complete(
             .map_err(|e| RegistryError::Internal(e.to_string()))?
             == Some(row.size);
     if !stored {
-        match parts.as_slice() {
-            [] => {
-                reg.storage
-                    .write(
-                        &key,
-                        futures::stream::empty::<std::result::Result<bytes::Bytes, std::io::Error>>(
-                        ),
-                        None,
-                        None,
-                    )
-                    .await
-                    .map_err(write_error)?;
-            }
-            [one] => reg
-                .storage
-                .rename(one, &key)
-                .await
-                .map_err(|e| RegistryError::Internal(e.to_string()))?,
-            many => {
-                reg.storage
-                    .concat(many, &key, None)
-                    .await
-                    .map_err(write_error)?;
-            }
-        }
+        reg.storage
+            .upload_commit(id, row.size, &key)
+            .await
+            .map_err(write_error)?;
     }
     reg.meta
         .link_blob(row.repository_id, &digest, row.size, Some(id))
         .await?;
     reg.forget_upload(id);
     let storage = reg.storage.clone();
-    let prefix = Storage::upload_prefix(id);
+    let id = id.to_string();
     tokio::spawn(async move {
-        if let Err(e) = storage.delete_prefix(&prefix).await {
-            tracing::warn!(error = %e, "could not delete upload parts");
+        if let Err(e) = storage.upload_delete(&id).await {
+            tracing::warn!(upload = %id, error = %e, "could not delete upload data");
         }
     });
     Ok(created(name, &digest))
-}
-
-/// The session's parts in order, checked to cover exactly `size` bytes.
-async fn upload_parts(reg: &Arc<Registry>, id: &str, size: u64) -> Result<Vec<Path>> {
-    let mut listed = reg
-        .storage
-        .list(&Storage::upload_prefix(id))
-        .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))?;
-    listed.sort_by(|a, b| a.key.as_ref().cmp(b.key.as_ref()));
-    let mut parts = Vec::new();
-    let mut offset = 0u64;
-    for p in listed {
-        let Some(o) = p.key.filename().and_then(|f| f.parse::<u64>().ok()) else {
-            continue;
-        };
-        if o >= size || p.size == 0 {
-            // A part past the accepted size was written by a request that
-            // failed before it was recorded.
-            continue;
-        }
-        if o != offset {
-            return Err(RegistryError::Internal(format!(
-                "upload {id}: part at {o}, expected {offset}"
-            )));
-        }
-        offset += p.size;
-        parts.push(p.key);
-    }
-    if offset != size {
-        return Err(RegistryError::Internal(format!(
-            "upload {id}: parts hold {offset} bytes, session says {size}"
-        )));
-    }
-    Ok(parts)
 }

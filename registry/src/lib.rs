@@ -115,11 +115,7 @@ impl Registry {
         for id in &stale {
             self.meta.delete_upload(id).await?;
             self.forget_upload(id);
-            if let Err(e) = self
-                .storage
-                .delete_prefix(&Storage::upload_prefix(id))
-                .await
-            {
+            if let Err(e) = self.storage.upload_delete(id).await {
                 tracing::warn!(upload = %id, error = %e, "could not delete parts of an expired upload");
             }
         }

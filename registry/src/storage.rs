@@ -5,12 +5,17 @@
 //! - blobs: `docker/registry/v2/blobs/<alg>/<first two hex>/<hex>/data`, the
 //!   layout of CNCF Distribution, so an existing registry's storage can be
 //!   adopted in place;
-//! - upload parts: `dockyard/uploads/<upload id>/<offset, 20 digits>`;
+//! - upload data, filesystem backend: `dockyard/uploads/<upload id>/data`, one
+//!   file appended to chunk by chunk (as Distribution does);
+//! - upload data, object stores: `dockyard/uploads/<upload id>/<offset, 20
+//!   digits>`, one object per chunk, concatenated on completion;
 //! - scratch files of the filesystem backend: `dockyard/tmp/<uuid>`.
 //!
 //! Writes never expose partial objects: the filesystem backend writes to a
 //! scratch file and renames it into place, the object-store backend uses a
-//! multipart upload that only becomes visible when completed.
+//! multipart upload that only becomes visible when completed. An upload's
+//! accepted size lives in the database; bytes past it (from a request that
+//! failed half-way) are ignored and overwritten by the next chunk.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -83,6 +88,12 @@ pub struct Storage {
     local: Option<Arc<LocalFileSystem>>,
 }
 
+/// A stored piece of an upload.
+struct Piece {
+    key: Path,
+    len: u64,
+}
+
 /// A listed object.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -137,12 +148,177 @@ impl Storage {
         ))
     }
 
-    pub fn upload_prefix(id: &str) -> Path {
+    fn upload_prefix(id: &str) -> Path {
         Path::from(format!("dockyard/uploads/{id}"))
     }
 
-    pub fn upload_part_key(id: &str, offset: u64) -> Path {
+    fn upload_part_key(id: &str, offset: u64) -> Path {
         Path::from(format!("dockyard/uploads/{id}/{offset:020}"))
+    }
+
+    fn upload_data_key(id: &str) -> Path {
+        Path::from(format!("dockyard/uploads/{id}/data"))
+    }
+
+    /// Writes a chunk of upload `id` at `offset` (the session's accepted
+    /// size), hashing it into `hasher`, refusing more than `limit` bytes.
+    /// Returns the chunk's length. On error the session's accepted bytes are
+    /// untouched.
+    pub async fn upload_append<S, E>(
+        &self,
+        id: &str,
+        offset: u64,
+        body: S,
+        hasher: Option<&mut DigestHasher>,
+        limit: Option<u64>,
+    ) -> Result<u64, WriteError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let Some(local) = &self.local else {
+            return self
+                .write(&Self::upload_part_key(id, offset), body, hasher, limit)
+                .await;
+        };
+        let store_err = |e: std::io::Error| WriteError::Store(e.to_string());
+        let path = local
+            .path_to_filesystem(&Self::upload_data_key(id))
+            .map_err(|e| WriteError::Store(e.to_string()))?;
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(store_err)?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(store_err)?;
+        // Drop whatever a failed request left past the accepted size.
+        file.set_len(offset).await.map_err(store_err)?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(store_err)?;
+        let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+        let mut body = body;
+        let mut hasher = hasher;
+        let mut n: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| WriteError::Body(e.to_string()))?;
+            n += chunk.len() as u64;
+            if let Some(l) = limit
+                && n > l
+            {
+                return Err(WriteError::TooLarge(l));
+            }
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&chunk);
+            }
+            w.write_all(&chunk).await.map_err(store_err)?;
+        }
+        w.flush().await.map_err(store_err)?;
+        w.into_inner().sync_data().await.map_err(store_err)?;
+        Ok(n)
+    }
+
+    /// The stored pieces of upload `id`, in order, checked to hold exactly
+    /// `size` bytes.
+    async fn upload_pieces(&self, id: &str, size: u64) -> Result<Vec<Piece>, StorageError> {
+        if self.local.is_some() {
+            if size == 0 {
+                return Ok(vec![]);
+            }
+            return Ok(vec![Piece {
+                key: Self::upload_data_key(id),
+                len: size,
+            }]);
+        }
+        let mut listed = self.list(&Self::upload_prefix(id)).await?;
+        listed.sort_by(|a, b| a.key.as_ref().cmp(b.key.as_ref()));
+        let mut pieces = Vec::new();
+        let mut offset = 0u64;
+        for p in listed {
+            let Some(o) = p.key.filename().and_then(|f| f.parse::<u64>().ok()) else {
+                continue;
+            };
+            if o >= size || p.size == 0 {
+                // Written by a request that failed before it was recorded.
+                continue;
+            }
+            if o != offset {
+                return Err(StorageError::Other(format!(
+                    "upload {id}: chunk at {o}, expected {offset}"
+                )));
+            }
+            offset += p.size;
+            pieces.push(Piece {
+                key: p.key,
+                len: p.size,
+            });
+        }
+        if offset != size {
+            return Err(StorageError::Other(format!(
+                "upload {id}: chunks hold {offset} bytes, the session {size}"
+            )));
+        }
+        Ok(pieces)
+    }
+
+    /// Hashes the first `size` bytes of upload `id` (after a restart lost
+    /// the running hash).
+    pub async fn upload_hash(
+        &self,
+        id: &str,
+        size: u64,
+        hasher: &mut DigestHasher,
+    ) -> Result<(), StorageError> {
+        for p in self.upload_pieces(id, size).await? {
+            let mut s = self.read(&p.key, Some(0..p.len)).await?;
+            while let Some(chunk) = s.next().await {
+                hasher.update(&chunk?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the first `size` bytes of upload `id` to `dest` (a rename when
+    /// they are one piece).
+    pub async fn upload_commit(&self, id: &str, size: u64, dest: &Path) -> Result<(), WriteError> {
+        let store = |e: StorageError| WriteError::Store(e.to_string());
+        let pieces = self.upload_pieces(id, size).await.map_err(store)?;
+        match pieces.as_slice() {
+            [] => {
+                let empty = futures::stream::empty::<Result<Bytes, std::io::Error>>();
+                self.write(dest, empty, None, None).await?;
+            }
+            [one] => {
+                if let Some(local) = &self.local {
+                    let path = local
+                        .path_to_filesystem(&one.key)
+                        .map_err(|e| WriteError::Store(e.to_string()))?;
+                    let f = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .await
+                        .map_err(|e| WriteError::Store(e.to_string()))?;
+                    f.set_len(one.len)
+                        .await
+                        .map_err(|e| WriteError::Store(e.to_string()))?;
+                }
+                self.rename(&one.key, dest).await.map_err(store)?;
+            }
+            many => {
+                let keys: Vec<Path> = many.iter().map(|p| p.key.clone()).collect();
+                self.concat(&keys, dest, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes everything stored for upload `id`.
+    pub async fn upload_delete(&self, id: &str) -> Result<(), StorageError> {
+        self.delete_prefix(&Self::upload_prefix(id)).await
     }
 
     fn local_path(&self, key: &Path) -> Option<Result<PathBuf, StorageError>> {
@@ -331,7 +507,7 @@ impl Storage {
     }
 
     /// Writes the concatenation of `parts` to `to`, hashing it on the way.
-    pub async fn concat(
+    async fn concat(
         &self,
         parts: &[Path],
         to: &Path,
@@ -353,24 +529,6 @@ impl Storage {
                 WriteError::Body(m) => WriteError::Store(m),
                 e => e,
             })
-    }
-
-    /// Hashes the concatenation of `parts` without writing anything.
-    pub async fn hash(
-        &self,
-        parts: &[Path],
-        hasher: &mut DigestHasher,
-    ) -> Result<u64, StorageError> {
-        let mut n = 0;
-        for p in parts {
-            let mut s = self.read(p, None).await?;
-            while let Some(chunk) = s.next().await {
-                let chunk = chunk?;
-                n += chunk.len() as u64;
-                hasher.update(&chunk);
-            }
-        }
-        Ok(n)
     }
 
     /// Checks that the store answers.
