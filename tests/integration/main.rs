@@ -8,5 +8,6 @@
 //!   bucket per test) instead of the filesystem.
 
 mod cli;
+mod crash;
 mod harness;
 mod registry_api;
