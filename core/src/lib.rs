@@ -1,12 +1,14 @@
 //! Dockyard's shared foundation: the typed configuration (one TOML file with
-//! `DOCKYARD_*` environment overrides) and the metadata database (SQLite or
-//! PostgreSQL through `sqlx`, with migrations).
+//! `DOCKYARD_*` environment overrides), the metadata database (SQLite or
+//! PostgreSQL through `sqlx`, with migrations) and the registry token keys
+//! (Docker token authentication JWTs).
 //!
 //! Every feature crate may use this crate; it must not depend on any of them
 //! and must not serve HTTP.
 
 pub mod config;
 pub mod db;
+pub mod token;
 
 pub use config::Config;
 pub use db::{Backend, Db, DbError};
