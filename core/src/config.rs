@@ -356,6 +356,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
     fn file_env_and_problems() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -377,6 +378,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
     fn unknown_and_mistyped_keys_are_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
