@@ -231,3 +231,68 @@ async fn serve_tls_12_and_13() {
         .await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
+
+#[tokio::test]
+async fn migrate_and_gc_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dockyard()
+        .arg("migrate")
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(data.join("dockyard.db").exists());
+    // A blob nobody references, pushed through a running server.
+    let port = free_port();
+    let server = Child(
+        dockyard()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&client, &format!("{base}/v2/")).await;
+    let d = dockyard_oci::Digest::sha256(b"garbage");
+    let r = client
+        .post(format!("{base}/v2/g/c/blobs/uploads/?digest={d}"))
+        .body("garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    drop(server);
+    let gc = |args: &[&str]| {
+        let out = dockyard()
+            .arg("gc")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(gc(&[])["blobs_deleted"], 0, "default grace keeps new blobs");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(gc(&["--grace", "1ms", "--dry-run"])["blobs_deleted"], 1);
+    assert_eq!(gc(&["--grace", "1ms"])["blobs_deleted"], 1);
+    assert_eq!(gc(&["--grace", "1ms"])["blobs_deleted"], 0);
+}
