@@ -356,7 +356,10 @@ mod tests {
     }
 
     #[test]
-    #[expect(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns its own error type"
+    )]
     fn file_env_and_problems() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -378,7 +381,10 @@ mod tests {
     }
 
     #[test]
-    #[expect(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns its own error type"
+    )]
     fn unknown_and_mistyped_keys_are_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
