@@ -8,6 +8,7 @@
 //!   bucket per test) instead of the filesystem.
 
 mod cli;
+mod clients;
 mod crash;
 mod harness;
 mod registry_api;
