@@ -123,83 +123,45 @@ enum Entry<'a> {
     Symlink(&'a str, &'a str),
 }
 
-/// A POSIX ustar archive of `entries` (root-owned, mtime 0).
+/// A tar archive of `entries` (root-owned, mtime 0), built with the `tar`
+/// crate.
 fn tar(entries: &[Entry]) -> Vec<u8> {
-    fn octal(field: &mut [u8], value: u64) {
-        let s = format!("{:0width$o}\0", value, width = field.len() - 1);
-        field.copy_from_slice(s.as_bytes());
-    }
-    let mut out = Vec::new();
+    let mut b = ::tar::Builder::new(Vec::new());
     for e in entries {
-        let (name, mode, kind, data, link): (&str, u32, u8, &[u8], &str) = match e {
-            Entry::Dir(n) => (n, 0o755, b'5', &[], ""),
-            Entry::File(n, m, d) => (n, *m, b'0', d, ""),
-            Entry::Symlink(n, target) => (n, 0o777, b'2', &[], target),
-        };
-        assert!(name.len() < 100 && link.len() < 100, "tar name too long");
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], mode.into());
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], data.len() as u64);
-        octal(&mut h[136..148], 0);
-        h[148..156].fill(b' ');
-        h[156] = kind;
-        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[265..269].copy_from_slice(b"root");
-        h[297..301].copy_from_slice(b"root");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        let s = format!("{sum:06o}\0 ");
-        h[148..156].copy_from_slice(s.as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut table = [0u32; 256];
-    for (i, t) in table.iter_mut().enumerate() {
-        let mut c = i as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
+        let mut h = ::tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match e {
+            Entry::Dir(n) => {
+                h.set_entry_type(::tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, n, std::io::empty()).unwrap();
+            }
+            Entry::File(n, m, d) => {
+                h.set_entry_type(::tar::EntryType::Regular);
+                h.set_mode(*m);
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, n, *d).unwrap();
+            }
+            Entry::Symlink(n, target) => {
+                h.set_entry_type(::tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, n, target).unwrap();
+            }
         }
-        *t = c;
     }
-    let mut crc = !0u32;
-    for &b in data {
-        crc = table[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    b.into_inner().unwrap()
 }
 
-/// A valid gzip stream of `data` using stored (uncompressed) deflate blocks:
-/// real gzip framing for the `+gzip` media type, no compression library.
+/// A gzip stream of `data` (for the `+gzip` layer media types).
 fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-    let mut chunks = data.chunks(65_535).peekable();
-    if chunks.peek().is_none() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(c) = chunks.next() {
-        out.push(u8::from(chunks.peek().is_none()));
-        let len = c.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(c);
-    }
-    out.extend_from_slice(&crc32(data).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
 }
 
 /// Deterministic filler bytes (xorshift), different per seed.
