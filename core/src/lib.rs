@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod db;
+pub mod identity;
 pub mod token;
 
 pub use config::Config;
