@@ -66,6 +66,37 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Administration: users, token keys.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Create a user; the password is read from standard input.
+    CreateUser {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// User name (lowercase letters, digits, '-' and '_').
+        name: String,
+        /// Make the user a superuser.
+        #[arg(long)]
+        superuser: bool,
+    },
+    /// Print the PEM certificates that verify Dockyard's tokens (for
+    /// notary-server's `rootcertbundle`).
+    TokenCert {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Add a new token signing key; tokens signed by older keys stay valid
+    /// until they expire.
+    RotateTokenKey {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +195,10 @@ async fn main() -> anyhow::Result<()> {
                     c.storage.secret_access_key = Some("<redacted>".into());
                 }
                 c.database.url = c.database.url.as_deref().map(redact);
+                if let Some(b) = &c.bootstrap_admin {
+                    let user = b.split(':').next().unwrap_or("");
+                    c.bootstrap_admin = Some(format!("{user}:<redacted>"));
+                }
                 print!("{}", toml::to_string_pretty(&c)?);
             }
         },
@@ -185,12 +220,63 @@ async fn main() -> anyhow::Result<()> {
             let report = dockyard_registry::gc::collect(&registry, &opts).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Command::Admin { command } => admin(command).await?,
         Command::Migrate { config } => {
             let config =
                 load(&config, None).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
             std::fs::create_dir_all(&config.data_dir)?;
             dockyard_core::Db::connect(&config.database_url(), 1).await?;
             println!("database is up to date");
+        }
+    }
+    Ok(())
+}
+
+async fn admin(command: AdminCommand) -> anyhow::Result<()> {
+    let invalid =
+        |e: dockyard_core::config::ConfigError| anyhow::anyhow!("invalid configuration:\n{e}");
+    match command {
+        AdminCommand::CreateUser {
+            config,
+            name,
+            superuser,
+        } => {
+            let config = load(&config, None).map_err(invalid)?;
+            std::fs::create_dir_all(&config.data_dir)?;
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.len() < 8 {
+                anyhow::bail!("the password must have at least 8 characters");
+            }
+            let db = dockyard_core::Db::connect(&config.database_url(), 2).await?;
+            let identity = dockyard_core::identity::Identity::new(db);
+            identity
+                .create_user(&name, Some(password), superuser)
+                .await?;
+            println!(
+                "created user {name}{}",
+                if superuser { " (superuser)" } else { "" }
+            );
+        }
+        AdminCommand::TokenCert { config } => {
+            let config = load(&config, None).map_err(invalid)?;
+            let keys = dockyard_core::token::TokenKeys::load_or_create(
+                &config.keys_dir(),
+                &config.auth.issuer,
+            )?;
+            print!("{}", keys.certificates_pem());
+        }
+        AdminCommand::RotateTokenKey { config } => {
+            let config = load(&config, None).map_err(invalid)?;
+            let keys =
+                dockyard_core::token::TokenKeys::rotate(&config.keys_dir(), &config.auth.issuer)?;
+            println!(
+                "new signing key {}; restart the servers to use it",
+                keys.kid()
+            );
         }
     }
     Ok(())

@@ -34,6 +34,55 @@ pub struct Config {
     pub gc: GcConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Token authentication.
+    pub auth: AuthConfig,
+    /// The Notary server that trusts Dockyard's tokens.
+    pub notary: NotaryConfig,
+    /// `user:password` of a superuser to create at start-up if no user of
+    /// that name exists (`DOCKYARD_BOOTSTRAP_ADMIN`).
+    pub bootstrap_admin: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `iss` of the tokens Dockyard issues.
+    pub issuer: String,
+    /// The registry's service name (`aud` of its tokens).
+    pub service: String,
+    /// Lifetime of registry tokens.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Public base URL used in the `WWW-Authenticate` realm (default: taken
+    /// from each request's `Host` and scheme).
+    pub realm: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: "dockyard".into(),
+            service: "dockyard".into(),
+            token_ttl: Duration::from_secs(300),
+            realm: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotaryConfig {
+    /// Service name the Notary server is configured with (`aud` of tokens
+    /// issued for it).
+    pub service: String,
+}
+
+impl Default for NotaryConfig {
+    fn default() -> Self {
+        NotaryConfig {
+            service: "dockyard-notary".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -47,6 +96,9 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             gc: GcConfig::default(),
             log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            notary: NotaryConfig::default(),
+            bootstrap_admin: None,
         }
     }
 }
@@ -192,8 +244,10 @@ impl Default for LogConfig {
 
 /// Sections whose keys can be set from the environment as
 /// `DOCKYARD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 6] = ["database", "storage", "tls", "registry", "gc", "log"];
-const TOP_LEVEL: [&str; 2] = ["listen", "data_dir"];
+const SECTIONS: [&str; 8] = [
+    "database", "storage", "tls", "registry", "gc", "log", "auth", "notary",
+];
+const TOP_LEVEL: [&str; 3] = ["listen", "data_dir", "bootstrap_admin"];
 
 /// Maps an environment variable name (without `DOCKYARD_`, lower-cased) to a
 /// setting path, or `None` when it is not a setting (e.g. `DOCKYARD_URL` used
@@ -287,6 +341,19 @@ impl Config {
         if self.registry.max_page_size == 0 {
             p.push("registry.max_page_size: must be at least 1".into());
         }
+        if let Some(b) = &self.bootstrap_admin
+            && !b
+                .split_once(':')
+                .is_some_and(|(u, p)| !u.is_empty() && !p.is_empty())
+        {
+            p.push("bootstrap_admin: must be user:password (DOCKYARD_BOOTSTRAP_ADMIN)".into());
+        }
+        if self.auth.token_ttl.as_secs() < 30 {
+            p.push("auth.token_ttl: must be at least 30s".into());
+        }
+        if self.auth.service == self.notary.service {
+            p.push("notary.service: must differ from auth.service".into());
+        }
         if let Err(e) = self.log.level.parse::<LevelCheck>() {
             p.push(format!("log.level: {e}"));
         }
@@ -299,6 +366,11 @@ impl Config {
             .url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("dockyard.db").display()))
+    }
+
+    /// Where the token signing keys live.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
     }
 
     /// The filesystem storage root.
@@ -351,7 +423,11 @@ mod tests {
             Some("registry.max_manifest_size")
         );
         assert_eq!(env_key("url"), None);
-        assert_eq!(env_key("bootstrap_admin"), None);
+        assert_eq!(env_key("notary_service").as_deref(), Some("notary.service"));
+        assert_eq!(
+            env_key("bootstrap_admin").as_deref(),
+            Some("bootstrap_admin")
+        );
         assert_eq!(env_key("storage"), None);
     }
 

@@ -73,6 +73,15 @@ impl Registry {
         let db =
             dockyard_core::Db::connect(&config.database_url(), config.database.max_connections)
                 .await?;
+        Self::open_with(db, config)
+    }
+
+    /// Opens storage from the configuration, with an already connected
+    /// database.
+    pub fn open_with(
+        db: dockyard_core::Db,
+        config: &Config,
+    ) -> std::result::Result<Registry, OpenError> {
         let storage = Storage::from_config(&config.storage, config.storage_path())?;
         Ok(Registry::new(
             Meta::new(db),

@@ -296,3 +296,70 @@ async fn migrate_and_gc_commands() {
     assert_eq!(gc(&["--grace", "1ms"])["blobs_deleted"], 1);
     assert_eq!(gc(&["--grace", "1ms"])["blobs_deleted"], 0);
 }
+
+#[test]
+fn admin_create_user_and_token_cert() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = dockyard()
+        .args([
+            "admin",
+            "create-user",
+            "root-user",
+            "--superuser",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"long-enough-password\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("superuser"));
+    // Short passwords are refused with a readable message.
+    let mut child = dockyard()
+        .args(["admin", "create-user", "other", "--data-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"short\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 8"));
+    // The token certificate is stable across calls and changes set on rotation.
+    let cert = |args: &[&str]| {
+        let out = dockyard()
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = cert(&["admin", "token-cert"]);
+    assert_eq!(first.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_eq!(cert(&["admin", "token-cert"]), first);
+    cert(&["admin", "rotate-token-key"]);
+    let after = cert(&["admin", "token-cert"]);
+    assert_eq!(after.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(after.contains(first.trim()));
+}

@@ -6,6 +6,8 @@
 //! `/metrics`) and the listener (plain HTTP or rustls TLS 1.2/1.3).
 //! It must not implement registry behaviour itself: it only wires crates.
 
+pub mod token_service;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,12 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub enum ServeError {
     #[error(transparent)]
     Open(#[from] dockyard_registry::OpenError),
+    #[error(transparent)]
+    Db(#[from] dockyard_core::DbError),
+    #[error(transparent)]
+    Keys(#[from] dockyard_core::token::TokenError),
+    #[error("bootstrap admin: {0}")]
+    Bootstrap(#[from] dockyard_core::identity::IdentityError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -76,7 +84,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole application router.
-pub fn app(registry: Arc<Registry>) -> Router {
+pub fn app(registry: Arc<Registry>, tokens: Arc<token_service::TokenService>) -> Router {
     let ops = Ops {
         registry: registry.clone(),
         metrics: metrics_handle(),
@@ -88,6 +96,14 @@ pub fn app(registry: Arc<Registry>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(ops)
+        .merge(
+            Router::new()
+                .route(
+                    "/v2/auth",
+                    get(token_service::token_endpoint).post(token_service::token_endpoint),
+                )
+                .with_state(tokens),
+        )
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(30),
@@ -165,9 +181,16 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_listen: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<(), ServeError> {
-    let registry = Arc::new(Registry::open(&config).await?);
+    let db =
+        dockyard_core::Db::connect(&config.database_url(), config.database.max_connections).await?;
+    let registry = Arc::new(Registry::open_with(db.clone(), &config)?);
+    let identity = dockyard_core::identity::Identity::new(db);
+    bootstrap_admin(&config, &identity).await?;
+    let keys =
+        dockyard_core::token::TokenKeys::load_or_create(&config.keys_dir(), &config.auth.issuer)?;
+    let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
-    let app = app(registry);
+    let app = app(registry, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let addr = config.listen;
     let result = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => {
@@ -188,7 +211,7 @@ pub async fn serve(
             });
             axum_server::from_tcp_rustls(listener, tls)
                 .handle(handle)
-                .serve(app.into_make_service())
+                .serve(app)
                 .await
                 .map_err(ServeError::Io)
         }
@@ -207,6 +230,28 @@ pub async fn serve(
     shutdown.cancel();
     let _ = maintenance.await;
     result
+}
+
+/// Creates the superuser named by `bootstrap_admin` unless that user exists.
+async fn bootstrap_admin(
+    config: &Config,
+    identity: &dockyard_core::identity::Identity,
+) -> Result<(), ServeError> {
+    let Some((user, password)) = config
+        .bootstrap_admin
+        .as_deref()
+        .and_then(|b| b.split_once(':'))
+    else {
+        return Ok(());
+    };
+    match identity.create_user(user, Some(password), true).await {
+        Ok(_) => {
+            tracing::info!(user, "created bootstrap superuser");
+            Ok(())
+        }
+        Err(dockyard_core::identity::IdentityError::Exists(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Periodic housekeeping: expire abandoned upload sessions.
