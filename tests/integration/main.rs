@@ -12,4 +12,5 @@ mod cli;
 mod clients;
 mod crash;
 mod harness;
+mod notary;
 mod registry_api;

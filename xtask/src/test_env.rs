@@ -30,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "docker-registry",
     "postgresql",
     "busybox-static",
+    "notary",
     "uidmap",
     // Runtimes, storage and networking helpers podman/buildah use.
     "runc",
