@@ -188,6 +188,21 @@ fn parse_token(token: &str) -> Option<(TokenKind, &str, &str)> {
     (id.len() == 16 && secret.len() == 43).then_some((kind, id, secret))
 }
 
+/// Parses an `Authorization: Basic …` header value into user and secret.
+pub fn parse_basic(value: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let (scheme, b64) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (u, p) = raw.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
 /// Names of users, organizations, teams and robots: lowercase letters,
 /// digits, `-` and `_`, starting with a letter or digit, 2 to 64 characters;
 /// also a valid repository path component.
@@ -307,6 +322,63 @@ impl Identity {
             id: row.try_get(0)?,
             name: username.to_string(),
             superuser: flag(row.try_get(2)?),
+        }))
+    }
+
+    /// Checks basic-auth credentials: a password, or a robot or personal
+    /// token given as the password (refresh tokens are not passwords).
+    pub async fn authenticate(&self, username: &str, secret: &str) -> Result<Option<Principal>> {
+        if ["dyr_", "dyp_", "dyf_"]
+            .iter()
+            .any(|p| secret.starts_with(p))
+        {
+            return Ok(
+                match self.authenticate_token(secret, Some(username)).await? {
+                    Some((p, TokenKind::Robot | TokenKind::Personal)) => Some(p),
+                    _ => None,
+                },
+            );
+        }
+        self.login(username, secret).await
+    }
+
+    /// The enabled user or robot with this name (a token's `sub`), without
+    /// authentication.
+    pub async fn principal_by_name(&self, name: &str) -> Result<Option<Principal>> {
+        if name.is_empty() {
+            return Ok(Some(Principal::Anonymous));
+        }
+        if let Some((ns, robot)) = name.split_once('+') {
+            let row = sqlx::query(
+                "SELECT r.id, r.namespace_id FROM robots r JOIN namespaces n ON n.id = r.namespace_id \
+                 WHERE n.name = $1 AND r.name = $2",
+            )
+            .bind(ns)
+            .bind(robot)
+            .fetch_optional(&self.db.read)
+            .await?;
+            return Ok(row
+                .map(|r| -> sqlx::Result<Principal> {
+                    Ok(Principal::Robot {
+                        id: r.try_get(0)?,
+                        name: name.to_string(),
+                        namespace_id: r.try_get(1)?,
+                    })
+                })
+                .transpose()?);
+        }
+        let row = sqlx::query("SELECT id, superuser, disabled FROM users WHERE username = $1")
+            .bind(name)
+            .fetch_optional(&self.db.read)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        if flag(row.try_get(2)?) {
+            return Ok(None);
+        }
+        Ok(Some(Principal::User {
+            id: row.try_get(0)?,
+            name: name.to_string(),
+            superuser: flag(row.try_get(1)?),
         }))
     }
 

@@ -213,7 +213,12 @@ pub async fn delete(reg: &Arc<Registry>, name: &RepoName, digest: &Digest) -> Re
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new
 /// session.
-pub async fn start_upload(reg: &Arc<Registry>, name: &RepoName, req: Request) -> Result<Response> {
+pub async fn start_upload(
+    reg: &Arc<Registry>,
+    name: &RepoName,
+    req: Request,
+    ctx: &crate::Ctx,
+) -> Result<Response> {
     let q = query(req.uri());
     let repo_id = reg.meta.ensure_repo(name.as_str()).await?;
     if let Some(mount) = param(&q, "mount") {
@@ -223,7 +228,12 @@ pub async fn start_upload(reg: &Arc<Registry>, name: &RepoName, req: Request) ->
                 RegistryError::with_message(ErrorCode::DigestInvalid, e.to_string())
             })?;
         let from = param(&q, "from").and_then(|f| f.parse::<RepoName>().ok());
-        if let Some(from) = from
+        // Mounting reads the source: the caller must be allowed to pull it.
+        let readable = match (&from, &ctx.caller) {
+            (Some(f), Some(c)) => ctx.gate.allows(c, f, "pull").await?,
+            _ => false,
+        };
+        if let Some(from) = from.filter(|_| readable)
             && let Some(size) = reg.meta.blob_in_repo(from.as_str(), &digest).await?
         {
             reg.meta.link_blob(repo_id, &digest, size, None).await?;

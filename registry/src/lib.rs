@@ -9,6 +9,7 @@
 //! **API boundary:** [`router`] is the whole HTTP surface; [`Registry`] is the
 //! state it serves from; [`gc`] is the offline collector.
 
+pub mod auth;
 pub mod error;
 pub mod gc;
 pub mod meta;
@@ -29,8 +30,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use dockyard_core::Config;
 use dockyard_core::config::RegistryConfig;
-use dockyard_oci::{DigestHasher, ErrorCode, Route, RouteError, parse_route};
+use dockyard_oci::{DigestHasher, ErrorCode, RepoName, Route, RouteError, parse_route};
 
+pub use auth::{Caller, Gate};
 pub use error::{RegistryError, Result};
 pub use meta::Meta;
 pub use storage::Storage;
@@ -149,12 +151,12 @@ pub enum OpenError {
 }
 
 /// The `/v2` router.
-pub fn router(registry: Arc<Registry>) -> Router {
+pub fn router(registry: Arc<Registry>, gate: Arc<Gate>) -> Router {
     Router::new()
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
-        .with_state(registry)
+        .with_state((registry, gate))
         .layer(axum::middleware::map_response(api_version_header))
 }
 
@@ -186,22 +188,111 @@ fn route_error(e: RouteError, method: &Method) -> RegistryError {
     }
 }
 
-async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+/// What a request needs from its caller.
+enum Need<'a> {
+    /// Nothing: the method is not supported anyway (405 follows).
+    Nothing,
+    /// Any valid credentials or token (`/v2/`, the catalog).
+    Authenticated,
+    /// An action on a repository.
+    Repo(&'a RepoName, &'static str),
+}
+
+fn need<'a>(route: &'a Route, method: &Method) -> Need<'a> {
+    match (route, method) {
+        (Route::Base, &Method::GET | &Method::HEAD) | (Route::Catalog, &Method::GET) => {
+            Need::Authenticated
+        }
+        (Route::Tags(n), &Method::GET)
+        | (Route::Referrers(n, _), &Method::GET)
+        | (Route::Manifest(n, _), &Method::GET | &Method::HEAD)
+        | (Route::Blob(n, _), &Method::GET | &Method::HEAD) => Need::Repo(n, "pull"),
+        (Route::Manifest(n, _), &Method::PUT)
+        | (Route::UploadStart(n), &Method::POST)
+        | (Route::Upload(n, _), &Method::GET | &Method::PATCH | &Method::PUT | &Method::DELETE) => {
+            Need::Repo(n, "push")
+        }
+        (Route::Manifest(n, _), &Method::DELETE) | (Route::Blob(n, _), &Method::DELETE) => {
+            Need::Repo(n, "delete")
+        }
+        _ => Need::Nothing,
+    }
+}
+
+/// The scope a client should ask for to do `action` on `name`.
+fn scope(name: &RepoName, action: &str) -> String {
+    match action {
+        "push" => format!("repository:{name}:pull,push"),
+        a => format!("repository:{name}:{a}"),
+    }
+}
+
+/// The caller and what it may see, for handlers that filter by it.
+pub(crate) struct Ctx {
+    pub gate: Arc<Gate>,
+    pub caller: Option<Caller>,
+}
+
+async fn authorize(
+    gate: &Gate,
+    route: &Route,
+    method: &Method,
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<Caller>> {
+    let caller = gate.caller(headers).await?;
+    match need(route, method) {
+        Need::Nothing => {}
+        Need::Authenticated => {
+            if caller.is_none() {
+                return Err(gate.unauthorized(headers, None, None, "authentication required"));
+            }
+        }
+        Need::Repo(name, action) => {
+            let scope = scope(name, action);
+            let Some(c) = &caller else {
+                return Err(gate.unauthorized(
+                    headers,
+                    Some(&scope),
+                    None,
+                    "authentication required",
+                ));
+            };
+            if !gate.allows(c, name, action).await? {
+                return Err(gate.denied(headers, c, &scope));
+            }
+        }
+    }
+    Ok(caller)
+}
+
+async fn dispatch(
+    State((reg, gate)): State<(Arc<Registry>, Arc<Gate>)>,
+    mut req: Request,
+) -> Response {
+    // HTTP/2 carries the host in the URI's authority, not a Host header;
+    // the challenge's realm is built from the latter.
+    if !req.headers().contains_key(axum::http::header::HOST)
+        && let Some(authority) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(axum::http::header::HOST, v);
+    }
     let method = req.method().clone();
     let route = match parse_route(req.uri().path()) {
         Ok(r) => r,
         Err(e) => return route_error(e, &method).into_response(),
     };
     let kind = route.kind();
-    let mut resp = match handle(&reg, route, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let result = match authorize(&gate, &route, &method, req.headers()).await {
+        Ok(caller) => handle(&reg, route, req, Ctx { gate, caller }).await,
+        Err(e) => Err(e),
     };
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     resp.extensions_mut().insert(RouteKind(kind));
     resp
 }
 
-async fn handle(reg: &Arc<Registry>, route: Route, req: Request) -> Result<Response> {
+async fn handle(reg: &Arc<Registry>, route: Route, req: Request, ctx: Ctx) -> Result<Response> {
     let method = req.method().clone();
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok((
@@ -210,7 +301,7 @@ async fn handle(reg: &Arc<Registry>, route: Route, req: Request) -> Result<Respo
             Body::from("{}"),
         )
             .into_response()),
-        (Route::Catalog, Method::GET) => manifests::catalog(reg, req).await,
+        (Route::Catalog, Method::GET) => manifests::catalog(reg, req, &ctx).await,
         (Route::Tags(name), Method::GET) => manifests::tags(reg, &name, req).await,
         (Route::Manifest(name, r), Method::GET) => manifests::get(reg, &name, &r, req, true).await,
         (Route::Manifest(name, r), Method::HEAD) => {
@@ -222,7 +313,9 @@ async fn handle(reg: &Arc<Registry>, route: Route, req: Request) -> Result<Respo
         (Route::Blob(name, d), Method::GET) => blobs::get(reg, &name, &d, req, true).await,
         (Route::Blob(name, d), Method::HEAD) => blobs::get(reg, &name, &d, req, false).await,
         (Route::Blob(name, d), Method::DELETE) => blobs::delete(reg, &name, &d).await,
-        (Route::UploadStart(name), Method::POST) => blobs::start_upload(reg, &name, req).await,
+        (Route::UploadStart(name), Method::POST) => {
+            blobs::start_upload(reg, &name, req, &ctx).await
+        }
         (Route::Upload(name, id), Method::GET) => blobs::upload_status(reg, &name, &id).await,
         (Route::Upload(name, id), Method::PATCH) => blobs::patch_upload(reg, &name, &id, req).await,
         (Route::Upload(name, id), Method::PUT) => blobs::finish_upload(reg, &name, &id, req).await,

@@ -221,10 +221,51 @@ pub async fn tags(reg: &Arc<Registry>, name: &RepoName, req: Request) -> Result<
 }
 
 /// `GET /v2/_catalog?n=&last=`.
-pub async fn catalog(reg: &Arc<Registry>, req: Request) -> Result<Response> {
+/// Lists only the repositories the caller may pull from.
+pub async fn catalog(reg: &Arc<Registry>, req: Request, ctx: &crate::Ctx) -> Result<Response> {
     let (n, last) = pagination(reg, &query(req.uri()))?;
-    let repos = reg.meta.catalog(last.as_deref(), n + 1).await?;
-    Ok(page("/v2/_catalog", "repositories", repos, n, json!({})))
+    let principal = match &ctx.caller {
+        Some(c) => ctx.gate.principal(c).await?,
+        None => None,
+    };
+    let Some(principal) = principal else {
+        return Ok(page("/v2/_catalog", "repositories", vec![], n, json!({})));
+    };
+    if let dockyard_core::identity::Principal::User {
+        superuser: true, ..
+    } = principal
+    {
+        let repos = reg.meta.catalog(last.as_deref(), n + 1).await?;
+        return Ok(page("/v2/_catalog", "repositories", repos, n, json!({})));
+    }
+    // Walk the catalog in batches, keeping what the caller can read, until
+    // the page (plus one, to know whether there is more) is full.
+    let mut visible = Vec::new();
+    let mut cursor = last;
+    let batch = n.clamp(100, 1000) + 1;
+    loop {
+        let names = reg.meta.catalog(cursor.as_deref(), batch).await?;
+        let done = names.len() < batch as usize;
+        for name in names {
+            cursor = Some(name.clone());
+            let role = ctx
+                .gate
+                .identity
+                .repository_role(&principal, &name)
+                .await
+                .map_err(|e| RegistryError::Internal(e.to_string()))?;
+            if role.is_some() {
+                visible.push(name);
+                if visible.len() > n as usize {
+                    break;
+                }
+            }
+        }
+        if done || visible.len() > n as usize {
+            break;
+        }
+    }
+    Ok(page("/v2/_catalog", "repositories", visible, n, json!({})))
 }
 
 /// `GET /v2/<name>/referrers/<digest>?artifactType=`.

@@ -9,10 +9,8 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const ADMIN: (&str, &str) = ("admin", "admin-password-1");
-
 async fn app() -> TestApp {
-    TestApp::start_with(|c| c.bootstrap_admin = Some(format!("{}:{}", ADMIN.0, ADMIN.1))).await
+    TestApp::start().await
 }
 
 async fn identity(app: &TestApp) -> Identity {
@@ -44,7 +42,7 @@ fn jwt_header(token: &str) -> Value {
 }
 
 async fn token(app: &TestApp, creds: Option<(&str, &str)>, query: &str) -> reqwest::Response {
-    let mut req = app.req(Method::GET, &format!("/v2/auth?{query}"));
+    let mut req = app.anon.get(app.url(&format!("/v2/auth?{query}")));
     if let Some((u, p)) = creds {
         req = req.basic_auth(u, Some(p));
     }
@@ -252,7 +250,8 @@ async fn notary_service_and_oauth2_form() {
 
     // OAuth2 password grant with a refresh token, then the refresh grant.
     let r = app
-        .req(Method::POST, "/v2/auth")
+        .anon
+        .post(app.url("/v2/auth"))
         .form(&[
             ("grant_type", "password"),
             ("username", ADMIN.0),
@@ -274,7 +273,8 @@ async fn notary_service_and_oauth2_form() {
         serde_json::json!(["pull"])
     );
     let r = app
-        .req(Method::POST, "/v2/auth")
+        .anon
+        .post(app.url("/v2/auth"))
         .form(&[
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh.as_str()),
@@ -291,7 +291,8 @@ async fn notary_service_and_oauth2_form() {
     let r = token(&app, Some((ADMIN.0, refresh.as_str())), "service=dockyard").await;
     assert_error(r, 401, "UNAUTHORIZED").await;
     let r = app
-        .req(Method::POST, "/v2/auth")
+        .anon
+        .post(app.url("/v2/auth"))
         .form(&[
             ("grant_type", "refresh_token"),
             (
@@ -304,7 +305,8 @@ async fn notary_service_and_oauth2_form() {
         .unwrap();
     assert_error(r, 401, "UNAUTHORIZED").await;
     let r = app
-        .req(Method::POST, "/v2/auth")
+        .anon
+        .post(app.url("/v2/auth"))
         .form(&[
             ("grant_type", "password"),
             ("username", ADMIN.0),
@@ -315,7 +317,8 @@ async fn notary_service_and_oauth2_form() {
         .unwrap();
     assert_error(r, 401, "UNAUTHORIZED").await;
     let r = app
-        .req(Method::POST, "/v2/auth")
+        .anon
+        .post(app.url("/v2/auth"))
         .form(&[("grant_type", "client_credentials")])
         .send()
         .await

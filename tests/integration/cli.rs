@@ -134,12 +134,13 @@ async fn serve_with_flags_and_json_logs() {
                 "--data-dir",
             ])
             .arg(dir.path().join("data"))
+            .env("DOCKYARD_BOOTSTRAP_ADMIN", crate::harness::admin_pair())
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let client = reqwest::Client::new();
+    let client = crate::harness::admin_client();
     let r = wait_up(&client, &format!("http://127.0.0.1:{port}/v2/")).await;
     assert_eq!(r.status(), 200);
     client
@@ -218,10 +219,17 @@ async fn serve_tls_12_and_13() {
             .build()
             .unwrap();
         let r = wait_up(&client, &url).await;
-        assert_eq!(r.status(), 200, "{min:?}");
+        assert_eq!(r.status(), 401, "{min:?}");
         assert_eq!(
             r.headers()["docker-distribution-api-version"],
             "registry/2.0"
+        );
+        let challenge = r.headers()["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.starts_with(&format!(
+                "Bearer realm=\"https://localhost:{port}/v2/auth\""
+            )),
+            "{challenge}"
         );
     }
     // Plain HTTP on the TLS port is not served.
@@ -259,11 +267,12 @@ async fn migrate_and_gc_commands() {
                 "--data-dir",
             ])
             .arg(&data)
+            .env("DOCKYARD_BOOTSTRAP_ADMIN", crate::harness::admin_pair())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let client = reqwest::Client::new();
+    let client = crate::harness::admin_client();
     let base = format!("http://127.0.0.1:{port}");
     wait_up(&client, &format!("{base}/v2/")).await;
     let d = dockyard_oci::Digest::sha256(b"garbage");

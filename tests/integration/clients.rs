@@ -16,7 +16,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-use crate::harness::{OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, TestApp, header, location};
+use crate::harness::{ADMIN, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, TestApp, header, location};
 
 const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -298,8 +298,28 @@ async fn http_blob(app: &TestApp, repo: &str, digest: &str) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // skopeo
 
+/// `user:password` of the test servers' superuser, for the clients' flags.
+fn creds() -> String {
+    format!("{}:{}", ADMIN.0, ADMIN.1)
+}
+
 async fn skopeo_raw(image: &str) -> Vec<u8> {
-    let out = run("skopeo", ["inspect", "--raw", "--tls-verify=false", image]).await;
+    let out = if image.starts_with("docker://") {
+        run(
+            "skopeo",
+            [
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--creds",
+                &creds(),
+                image,
+            ],
+        )
+        .await
+    } else {
+        run("skopeo", ["inspect", "--raw", image]).await
+    };
     // `--raw` prints the manifest bytes exactly as stored.
     out.into_bytes()
 }
@@ -342,6 +362,8 @@ async fn skopeo_copies_a_multi_layer_image_in_and_out_unchanged() {
             "copy",
             "--preserve-digests",
             "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds(),
             &src_ref,
             &remote,
         ],
@@ -353,6 +375,8 @@ async fn skopeo_copies_a_multi_layer_image_in_and_out_unchanged() {
             "copy",
             "--preserve-digests",
             "--src-tls-verify=false",
+            "--src-creds",
+            &creds(),
             &remote,
             &dst_ref,
         ],
@@ -384,9 +408,20 @@ async fn skopeo_copies_a_multi_layer_image_in_and_out_unchanged() {
     assert_eq!(tags["tags"], json!(["v1"]));
 
     // skopeo's parsed view of the registry copy: digest and layers.
-    let inspect: Value =
-        serde_json::from_str(&run("skopeo", ["inspect", "--tls-verify=false", &remote]).await)
-            .unwrap();
+    let inspect: Value = serde_json::from_str(
+        &run(
+            "skopeo",
+            [
+                "inspect",
+                "--tls-verify=false",
+                "--creds",
+                &creds(),
+                &remote,
+            ],
+        )
+        .await,
+    )
+    .unwrap();
     assert_eq!(inspect["Digest"], digest);
     let layers_src = layer_digests(&src_manifest);
     assert_eq!(layers_src.len(), 4);
@@ -453,6 +488,8 @@ async fn skopeo_copies_a_multi_arch_index_with_all_platforms() {
             "--all",
             "--preserve-digests",
             "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds(),
             &src_ref,
             &remote,
         ],
@@ -465,6 +502,8 @@ async fn skopeo_copies_a_multi_arch_index_with_all_platforms() {
             "--all",
             "--preserve-digests",
             "--src-tls-verify=false",
+            "--src-creds",
+            &creds(),
             &remote,
             &dst_ref,
         ],
@@ -529,6 +568,8 @@ async fn skopeo_copies_a_multi_arch_index_with_all_platforms() {
                 "arm64",
                 "inspect",
                 "--tls-verify=false",
+                "--creds",
+                &creds(),
                 &remote,
             ],
         )
@@ -642,6 +683,8 @@ async fn podman_pushes_and_pulls_an_image_that_runs() {
     a.podman(&[
         "push",
         "--tls-verify=false",
+        "--creds",
+        &creds(),
         "--format",
         "v2s2",
         "--digestfile",
@@ -663,7 +706,8 @@ async fn podman_pushes_and_pulls_an_image_that_runs() {
 
     // ...pull into an empty one: same image ID and manifest digest.
     let b = Storage::new();
-    b.podman(&["pull", "--tls-verify=false", &remote]).await;
+    b.podman(&["pull", "--tls-verify=false", "--creds", &creds(), &remote])
+        .await;
     let pulled = b
         .podman(&[
             "image",
@@ -734,6 +778,8 @@ async fn buildah_push_is_served_over_http() {
     s.buildah(&[
         "push",
         "--tls-verify=false",
+        "--creds",
+        &creds(),
         "--digestfile",
         path_str(digestfile.path()),
         local,
@@ -842,6 +888,22 @@ async fn docker_pushes_and_pulls_through_dockerd() {
     let id = id.trim().to_string();
     assert!(id.starts_with("sha256:"), "docker import printed {id}");
 
+    // Unauthenticated, the push is refused with docker's usual message.
+    let refused = output("docker", ["push", &image]).await;
+    assert!(!refused.status.success(), "anonymous push succeeded");
+    assert!(
+        refused
+            .stderr
+            .contains("denied: requested access to the resource is denied"),
+        "{}",
+        refused.stderr
+    );
+    let addr = app.addr.to_string();
+    run(
+        "docker",
+        ["login", "--username", ADMIN.0, "--password", ADMIN.1, &addr],
+    )
+    .await;
     let push = run("docker", ["push", &image]).await;
     let digest = digest_after(&push, "digest: ");
     let (d, ct, body) = http_manifest(&app, &repo, "1").await;

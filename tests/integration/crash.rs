@@ -32,6 +32,7 @@ fn start(data: &std::path::Path, port: u16) -> Server {
         ])
         .arg(data)
         .env("DOCKYARD_LOG_LEVEL", "warn")
+        .env("DOCKYARD_BOOTSTRAP_ADMIN", crate::harness::admin_pair())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -116,7 +117,13 @@ async fn sigkill_during_pushes_never_leaves_dangling_manifests() {
         .unwrap()
         .port();
     let base = format!("http://127.0.0.1:{port}");
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        crate::harness::admin_basic().parse().unwrap(),
+    );
     let client = reqwest::Client::builder()
+        .default_headers(auth)
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();

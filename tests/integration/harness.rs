@@ -19,10 +19,16 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
+/// The superuser every test server is bootstrapped with.
+pub const ADMIN: (&str, &str) = ("admin", "admin-password-1");
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
+    /// A client that sends the admin's basic credentials on every request.
     pub client: Client,
+    /// A client without credentials.
+    pub anon: Client,
     pub config: Config,
     pub data_dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
@@ -82,6 +88,7 @@ impl TestApp {
             config.storage.access_key_id = Some("test".into());
             config.storage.secret_access_key = Some("test".into());
         }
+        config.bootstrap_admin = Some(format!("{}:{}", ADMIN.0, ADMIN.1));
         tweak(&mut config);
         Self::boot(config, Arc::new(dir)).await
     }
@@ -102,7 +109,8 @@ impl TestApp {
         TestApp {
             addr,
             base: format!("http://{addr}"),
-            client: Client::builder().build().unwrap(),
+            client: admin_client(),
+            anon: Client::new(),
             config,
             data_dir,
             shutdown,
@@ -231,6 +239,30 @@ impl TestApp {
         assert_eq!(digest, Digest::sha256(&bytes));
         (digest, bytes)
     }
+}
+
+/// `user:password` of the admin, as `DOCKYARD_BOOTSTRAP_ADMIN` takes it.
+pub fn admin_pair() -> String {
+    format!("{}:{}", ADMIN.0, ADMIN.1)
+}
+
+/// The `Authorization` header value of the admin's basic credentials.
+pub fn admin_basic() -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", ADMIN.0, ADMIN.1))
+    )
+}
+
+/// A client sending the admin's basic credentials on every request.
+pub fn admin_client() -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        admin_basic().parse().unwrap(),
+    );
+    Client::builder().default_headers(headers).build().unwrap()
 }
 
 impl Drop for TestApp {

@@ -19,11 +19,9 @@ impl Drop for Server {
     }
 }
 
-const ADMIN: (&str, &str) = ("admin", "admin-password-1");
-
 async fn token(app: &TestApp, creds: Option<(&str, &str)>, service: &str, scope: &str) -> String {
     let mut req = app
-        .client
+        .anon
         .get(app.url("/v2/auth"))
         .query(&[("service", service), ("scope", scope)]);
     if let Some((u, p)) = creds {

@@ -84,7 +84,11 @@ pub fn metrics_handle() -> PrometheusHandle {
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole application router.
-pub fn app(registry: Arc<Registry>, tokens: Arc<token_service::TokenService>) -> Router {
+pub fn app(
+    registry: Arc<Registry>,
+    gate: Arc<dockyard_registry::Gate>,
+    tokens: Arc<token_service::TokenService>,
+) -> Router {
     let ops = Ops {
         registry: registry.clone(),
         metrics: metrics_handle(),
@@ -109,7 +113,7 @@ pub fn app(registry: Arc<Registry>, tokens: Arc<token_service::TokenService>) ->
             Duration::from_secs(30),
         ));
     Router::new()
-        .merge(dockyard_registry::router(registry))
+        .merge(dockyard_registry::router(registry, gate))
         .merge(ops_routes)
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(
@@ -186,11 +190,19 @@ pub async fn serve(
     let registry = Arc::new(Registry::open_with(db.clone(), &config)?);
     let identity = dockyard_core::identity::Identity::new(db);
     bootstrap_admin(&config, &identity).await?;
-    let keys =
-        dockyard_core::token::TokenKeys::load_or_create(&config.keys_dir(), &config.auth.issuer)?;
+    let keys = Arc::new(dockyard_core::token::TokenKeys::load_or_create(
+        &config.keys_dir(),
+        &config.auth.issuer,
+    )?);
+    let gate = Arc::new(dockyard_registry::Gate::new(
+        keys.clone(),
+        identity.clone(),
+        &config,
+    ));
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
-    let app = app(registry, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app =
+        app(registry, gate, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let addr = config.listen;
     let result = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => {

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use dockyard_core::config::Config;
 use dockyard_core::identity::{Identity, Principal, Role, TokenKind};
 use dockyard_core::token::{Access, Claims, TokenKeys};
@@ -29,7 +28,7 @@ pub struct TokenService {
     /// Accounts and permissions.
     pub identity: Identity,
     /// Signing keys.
-    pub keys: TokenKeys,
+    pub keys: Arc<TokenKeys>,
     /// `iss` of issued tokens.
     pub issuer: String,
     /// The registry's service name.
@@ -41,7 +40,7 @@ pub struct TokenService {
 }
 
 impl TokenService {
-    pub fn new(config: &Config, identity: Identity, keys: TokenKeys) -> TokenService {
+    pub fn new(config: &Config, identity: Identity, keys: Arc<TokenKeys>) -> TokenService {
         TokenService {
             identity,
             keys,
@@ -105,23 +104,7 @@ fn parse_scope(s: &str) -> Option<(String, String, Vec<String>)> {
 
 /// Credentials from `Authorization: Basic`.
 fn basic(headers: &HeaderMap) -> Option<(String, String)> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, b64) = v.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let raw = String::from_utf8(raw).ok()?;
-    let (u, p) = raw.split_once(':')?;
-    Some((u.to_string(), p.to_string()))
-}
-
-fn looks_like_token(secret: &str) -> bool {
-    ["dyr_", "dyp_", "dyf_"]
-        .iter()
-        .any(|p| secret.starts_with(p))
+    dockyard_core::identity::parse_basic(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 enum AuthOutcome {
@@ -134,38 +117,18 @@ async fn authenticate(
     username: &str,
     secret: &str,
 ) -> Result<AuthOutcome, TokenError> {
-    let internal = |e: dockyard_core::identity::IdentityError| {
-        tracing::error!(error = %e, "token service");
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "UNKNOWN",
-            "internal error",
-        )
-    };
-    if looks_like_token(secret) {
-        return Ok(
-            match ts
-                .identity
-                .authenticate_token(secret, Some(username))
-                .await
-                .map_err(internal)?
-            {
-                Some((p, TokenKind::Robot | TokenKind::Personal)) => AuthOutcome::Ok(p),
-                _ => AuthOutcome::Failed,
-            },
-        );
+    match ts.identity.authenticate(username, secret).await {
+        Ok(Some(p)) => Ok(AuthOutcome::Ok(p)),
+        Ok(None) => Ok(AuthOutcome::Failed),
+        Err(e) => {
+            tracing::error!(error = %e, "token service");
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error",
+            ))
+        }
     }
-    Ok(
-        match ts
-            .identity
-            .login(username, secret)
-            .await
-            .map_err(internal)?
-        {
-            Some(p) => AuthOutcome::Ok(p),
-            None => AuthOutcome::Failed,
-        },
-    )
 }
 
 /// The repository a scope name addresses for `service`: the Notary service

@@ -217,6 +217,7 @@ async fn bench(s: &Settings, dockyard_bin: &Path, distribution_bin: &Path) -> Re
         .no_proxy()
         .http1_only()
         .pool_max_idle_per_host(64)
+        .default_headers(servers::auth_headers())
         .build()?;
     let mut servers = [
         servers::start_dockyard(dockyard_bin)?,

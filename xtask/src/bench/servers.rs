@@ -135,6 +135,10 @@ pub fn start_dockyard(bin: &Path) -> Result<Server> {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("DOCKYARD_LOG_LEVEL", "warn")
+        .env(
+            "DOCKYARD_BOOTSTRAP_ADMIN",
+            format!("{BENCH_USER}:{BENCH_PASSWORD}"),
+        )
         .env_remove("DOCKYARD_CONFIG");
     spawn("Dockyard", cmd, dir, port)
 }
@@ -202,4 +206,28 @@ pub async fn wait_ready(server: &mut Server, client: &reqwest::Client) -> Result
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// The account the workload uses. Dockyard requires credentials; Distribution,
+/// run without auth, ignores them, so both servers get the same requests.
+pub const BENCH_USER: &str = "bench";
+pub const BENCH_PASSWORD: &str = "bench-password-1";
+
+/// `Authorization` header value for the bench account.
+pub fn authorization() -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{BENCH_USER}:{BENCH_PASSWORD}"))
+    )
+}
+
+/// Default headers for the workload's HTTP clients.
+pub fn auth_headers() -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        authorization().parse().expect("ASCII header value"),
+    );
+    h
 }

@@ -450,6 +450,11 @@ pub async fn wrk(url: &Url, connections: usize, secs: u64) -> Result<Load> {
         .arg("--latency")
         .arg("-H")
         .arg(format!("Accept: {OCI_MANIFEST}"))
+        .arg("-H")
+        .arg(format!(
+            "Authorization: {}",
+            super::servers::authorization()
+        ))
         .arg(url.as_str())
         .kill_on_drop(true)
         .output()
@@ -515,6 +520,7 @@ pub async fn tokio_load(
         .no_proxy()
         .http1_only()
         .pool_max_idle_per_host(connections)
+        .default_headers(super::servers::auth_headers())
         .build()?;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
