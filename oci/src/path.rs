@@ -27,6 +27,19 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every value [`Route::kind`] can return; tests that must cover every
+    /// endpoint (the permission matrix) check against this list.
+    pub const KINDS: [&'static str; 8] = [
+        "base",
+        "catalog",
+        "tags",
+        "manifest",
+        "blob",
+        "upload_start",
+        "upload",
+        "referrers",
+    ];
+
     /// A short, low-cardinality name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -177,6 +190,24 @@ mod tests {
             parse_route(&format!("/v2/a/referrers/{D}")).unwrap().kind(),
             "referrers"
         );
+    }
+
+    #[test]
+    fn kinds_are_listed() {
+        let d: crate::Digest = D.parse().unwrap();
+        let n: RepoName = "a".parse().unwrap();
+        for r in [
+            Route::Base,
+            Route::Catalog,
+            Route::Tags(n.clone()),
+            Route::Manifest(n.clone(), Reference::Digest(d.clone())),
+            Route::Blob(n.clone(), d.clone()),
+            Route::UploadStart(n.clone()),
+            Route::Upload(n.clone(), "x".into()),
+            Route::Referrers(n, d),
+        ] {
+            assert!(Route::KINDS.contains(&r.kind()), "{r:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - `DOCKYARD_TEST_S3_ENDPOINT`: store blobs in that S3 server (a fresh
 //!   bucket per test) instead of the filesystem.
 
+mod access;
 mod auth;
 mod cli;
 mod clients;
