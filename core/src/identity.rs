@@ -216,10 +216,30 @@ pub fn valid_name(name: &str) -> bool {
         && !name.contains("__")
 }
 
+/// The outcome of a login attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    Ok(Principal),
+    /// Wrong name or secret (recorded against the limits).
+    Failed,
+    /// Too many recent failures for the account or the address.
+    Limited(std::time::Duration),
+}
+
 /// Identity data access.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Identity {
     pub db: Db,
+    /// Failed-login limits, shared by every clone.
+    limiter: std::sync::Arc<crate::ratelimit::LoginLimiter>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 fn flag(v: i64) -> bool {
@@ -228,7 +248,40 @@ fn flag(v: i64) -> bool {
 
 impl Identity {
     pub fn new(db: Db) -> Identity {
-        Identity { db }
+        Identity {
+            db,
+            limiter: std::sync::Arc::new(crate::ratelimit::LoginLimiter::new()),
+        }
+    }
+
+    /// [`Identity::authenticate`] under the failed-login limits for the
+    /// account and the client `address`; failures are audited.
+    pub async fn login_limited(
+        &self,
+        username: &str,
+        secret: &str,
+        address: &str,
+        via: &str,
+    ) -> Result<Login> {
+        if let Err(wait) = self.limiter.check(username, address) {
+            return Ok(Login::Limited(wait));
+        }
+        match self.authenticate(username, secret).await? {
+            Some(p) => Ok(Login::Ok(p)),
+            None => {
+                self.limiter.failed(username, address);
+                self.audit(
+                    &Principal::Anonymous,
+                    "login",
+                    username,
+                    address,
+                    false,
+                    Some(via),
+                )
+                .await?;
+                Ok(Login::Failed)
+            }
+        }
     }
 
     async fn create_namespace(tx: &mut sqlx::AnyConnection, name: &str, kind: &str) -> Result<i64> {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use dockyard_core::identity::{Identity, Principal, parse_basic};
+use dockyard_core::identity::{Identity, Login, Principal, parse_basic};
 use dockyard_core::token::{Claims, TokenKeys};
 use dockyard_oci::{ErrorCode, RepoName};
 use sha2::Digest as _;
@@ -71,7 +71,7 @@ impl Gate {
 
     /// The caller behind the request's credentials; `None` without any.
     /// Invalid credentials are an error (401).
-    pub async fn caller(&self, headers: &HeaderMap) -> Result<Option<Caller>> {
+    pub async fn caller(&self, headers: &HeaderMap, address: &str) -> Result<Option<Caller>> {
         let Some(value) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -115,14 +115,27 @@ impl Gate {
         {
             return Ok(Some(Caller::Principal(p.clone())));
         }
-        let principal = self
+        let principal = match self
             .identity
-            .authenticate(&user, &secret)
+            .login_limited(&user, &secret, address, "registry basic")
             .await
             .map_err(Self::internal)?
-            .ok_or_else(|| {
-                self.unauthorized(headers, None, None, "invalid username or password")
-            })?;
+        {
+            Login::Ok(p) => p,
+            Login::Failed => {
+                return Err(self.unauthorized(headers, None, None, "invalid username or password"));
+            }
+            Login::Limited(wait) => {
+                return Err(RegistryError::with_message(
+                    ErrorCode::TooManyRequests,
+                    "too many failed logins; retry later",
+                )
+                .header(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(wait.as_secs().max(1)),
+                ));
+            }
+        };
         let mut cache = self.basic.lock().expect("basic cache");
         if cache.len() >= CACHE_LIMIT {
             cache.clear();

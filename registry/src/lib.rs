@@ -238,8 +238,9 @@ async fn authorize(
     route: &Route,
     method: &Method,
     headers: &axum::http::HeaderMap,
+    address: &str,
 ) -> Result<Option<Caller>> {
-    let caller = gate.caller(headers).await?;
+    let caller = gate.caller(headers, address).await?;
     match need(route, method) {
         Need::Nothing => {}
         Need::Authenticated => {
@@ -283,7 +284,12 @@ async fn dispatch(
         Err(e) => return route_error(e, &method).into_response(),
     };
     let kind = route.kind();
-    let result = match authorize(&gate, &route, &method, req.headers()).await {
+    let address = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let result = match authorize(&gate, &route, &method, req.headers(), &address).await {
         Ok(caller) => handle(&reg, route, req, Ctx { gate, caller }).await,
         Err(e) => Err(e),
     };

@@ -325,3 +325,45 @@ async fn notary_service_and_oauth2_form() {
         .unwrap();
     assert_error(r, 400, "UNSUPPORTED").await;
 }
+
+#[tokio::test]
+async fn failed_logins_are_rate_limited() {
+    let app = app().await;
+    let id = identity(&app).await;
+    id.create_user("carol", Some("carol-password"), false)
+        .await
+        .unwrap();
+    id.create_user("dave", Some("dave-password"), false)
+        .await
+        .unwrap();
+    for _ in 0..dockyard_core::ratelimit::PER_ACCOUNT {
+        let r = token(&app, Some(("carol", "guess")), "service=dockyard").await;
+        assert_error(r, 401, "UNAUTHORIZED").await;
+    }
+    // Now even the right password waits, on the token service and on /v2.
+    let r = token(&app, Some(("carol", "carol-password")), "service=dockyard").await;
+    let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 300);
+    assert_error(r, 429, "TOOMANYREQUESTS").await;
+    let r = app
+        .anon
+        .get(app.url("/v2/"))
+        .basic_auth("carol", Some("carol-password"))
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&r, "retry-after").is_some());
+    assert_error(r, 429, "TOOMANYREQUESTS").await;
+    // Another account from the same address is not affected yet.
+    let r = token(&app, Some(("dave", "dave-password")), "service=dockyard").await;
+    assert_eq!(r.status(), 200);
+    let failures: i64 = sqlx::Row::try_get(
+        &sqlx::query("SELECT COUNT(*) FROM audit_log WHERE action = 'login' AND success = 0 AND target = 'carol'")
+            .fetch_one(&id.db.read)
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(failures as usize, dockyard_core::ratelimit::PER_ACCOUNT);
+}

@@ -19,7 +19,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dockyard_core::config::Config;
-use dockyard_core::identity::{Identity, Principal, Role, TokenKind};
+use dockyard_core::identity::{Identity, Login, Principal, Role, TokenKind};
 use dockyard_core::token::{Access, Claims, TokenKeys};
 use serde_json::json;
 
@@ -58,16 +58,22 @@ pub struct TokenError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds, for 429.
+    retry_after: Option<u64>,
 }
 
 impl IntoResponse for TokenError {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
             json!({ "errors": [{ "code": self.code, "message": self.message }] }).to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -76,6 +82,7 @@ fn error(status: StatusCode, code: &'static str, message: &str) -> TokenError {
         status,
         code,
         message: message.to_string(),
+        retry_after: None,
     }
 }
 
@@ -107,19 +114,31 @@ fn basic(headers: &HeaderMap) -> Option<(String, String)> {
     dockyard_core::identity::parse_basic(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
-enum AuthOutcome {
-    Ok(Principal),
-    Failed,
-}
-
+/// Authenticates under the failed-login limits; answers 401 or 429 itself.
 async fn authenticate(
     ts: &TokenService,
     username: &str,
     secret: &str,
-) -> Result<AuthOutcome, TokenError> {
-    match ts.identity.authenticate(username, secret).await {
-        Ok(Some(p)) => Ok(AuthOutcome::Ok(p)),
-        Ok(None) => Ok(AuthOutcome::Failed),
+    address: &str,
+    via: &str,
+) -> Result<Principal, TokenError> {
+    match ts
+        .identity
+        .login_limited(username, secret, address, via)
+        .await
+    {
+        Ok(Login::Ok(p)) => Ok(p),
+        Ok(Login::Failed) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "invalid username or password",
+        )),
+        Ok(Login::Limited(wait)) => Err(TokenError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "TOOMANYREQUESTS",
+            message: "too many failed logins; retry later".into(),
+            retry_after: Some(wait.as_secs().max(1)),
+        }),
         Err(e) => {
             tracing::error!(error = %e, "token service");
             Err(error(
@@ -295,28 +314,7 @@ async fn handle(ts: &TokenService, req: Request) -> Result<Response, TokenError>
                         "username and password are required",
                     ));
                 };
-                match authenticate(ts, u, p).await {
-                    Ok(AuthOutcome::Ok(p)) => p,
-                    Ok(AuthOutcome::Failed) => {
-                        let _ = ts
-                            .identity
-                            .audit(
-                                &Principal::Anonymous,
-                                "login",
-                                u,
-                                &address,
-                                false,
-                                Some("password grant"),
-                            )
-                            .await;
-                        return Err(error(
-                            StatusCode::UNAUTHORIZED,
-                            "UNAUTHORIZED",
-                            "invalid username or password",
-                        ));
-                    }
-                    Err(r) => return Err(r),
-                }
+                authenticate(ts, u, p, &address, "password grant").await?
             }
             Some("refresh_token") => {
                 let Some(t) = param(params, "refresh_token") else {
@@ -358,28 +356,7 @@ async fn handle(ts: &TokenService, req: Request) -> Result<Response, TokenError>
         }
     } else {
         match basic(&headers) {
-            Some((u, p)) => match authenticate(ts, &u, &p).await {
-                Ok(AuthOutcome::Ok(p)) => p,
-                Ok(AuthOutcome::Failed) => {
-                    let _ = ts
-                        .identity
-                        .audit(
-                            &Principal::Anonymous,
-                            "login",
-                            &u,
-                            &address,
-                            false,
-                            Some("basic"),
-                        )
-                        .await;
-                    return Err(error(
-                        StatusCode::UNAUTHORIZED,
-                        "UNAUTHORIZED",
-                        "invalid username or password",
-                    ));
-                }
-                Err(r) => return Err(r),
-            },
+            Some((u, p)) => authenticate(ts, &u, &p, &address, "token service basic").await?,
             None if headers.contains_key(header::AUTHORIZATION) => {
                 return Err(error(
                     StatusCode::UNAUTHORIZED,
