@@ -1076,3 +1076,188 @@ async fn large_layer_of_1_gib_pushed_in_chunks_and_streamed_back() {
         started.elapsed()
     );
 }
+
+/// Robots, read-only denial and anonymous pulls with the real clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn robots_and_anonymous_pulls_with_skopeo_and_podman() {
+    require("skopeo", "skopeo");
+    require("podman", "podman");
+    let app = TestApp::start().await;
+    let id = dockyard_core::identity::Identity::new(
+        dockyard_core::Db::connect(&app.config.database_url(), 2)
+            .await
+            .unwrap(),
+    );
+    let admin_id = match id.login(ADMIN.0, ADMIN.1).await.unwrap().unwrap() {
+        dockyard_core::identity::Principal::User { id, .. } => id,
+        p => panic!("{p:?}"),
+    };
+    let org = unique("org").replace('-', "");
+    id.create_org(&org, admin_id).await.unwrap();
+    let repo = format!("{org}/app");
+    app.push_blob(&repo, b"creates the repository").await;
+    let repo_id: i64 = sqlx::Row::try_get(
+        &sqlx::query("SELECT id FROM repositories WHERE name = $1")
+            .bind(&repo)
+            .fetch_one(&id.db.read)
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    let robot = |name: &'static str, role| {
+        let id = id.clone();
+        let org = org.clone();
+        async move {
+            let (rid, full) = id.create_robot(&org, name).await.unwrap();
+            id.grant(repo_id, "robot", rid, role).await.unwrap();
+            let (_, secret) = id
+                .create_token(
+                    dockyard_core::identity::TokenKind::Robot,
+                    None,
+                    Some(rid),
+                    "ci",
+                    None,
+                )
+                .await
+                .unwrap();
+            format!("{full}:{secret}")
+        }
+    };
+    let pusher = robot("pusher", dockyard_core::identity::Role::Write).await;
+    let reader = robot("reader", dockyard_core::identity::Role::Read).await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Layout::new(tmp.path().join("src"));
+    let desc = src.image(
+        "amd64",
+        &[tar(&[Entry::File(
+            "robot.txt",
+            0o644,
+            b"pushed by a robot\n",
+        )])],
+    );
+    src.tag("v1", desc);
+    let src_ref = format!("oci:{}:v1", path_str(&src.dir));
+    let remote = format!("docker://{}/{repo}:v1", app.addr);
+
+    // The write robot pushes with skopeo.
+    run(
+        "skopeo",
+        [
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &pusher,
+            &src_ref,
+            &remote,
+        ],
+    )
+    .await;
+    // The read-only robot cannot push: the client's usual refusal.
+    let denied = output(
+        "skopeo",
+        [
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &reader,
+            &src_ref,
+            &format!("docker://{}/{repo}:v2", app.addr),
+        ],
+    )
+    .await;
+    assert!(!denied.status.success(), "read-only robot pushed");
+    assert!(
+        denied
+            .stderr
+            .contains("denied: requested access to the resource is denied"),
+        "{}",
+        denied.stderr
+    );
+    // ...but it pulls, with podman, after a `skopeo login` into an auth file too.
+    let s = Storage::new();
+    s.podman(&[
+        "pull",
+        "--tls-verify=false",
+        "--creds",
+        &reader,
+        &format!("{}/{repo}:v1", app.addr),
+    ])
+    .await;
+    let authfile = tmp.path().join("auth.json");
+    let (user, secret) = reader.split_once(':').unwrap();
+    run(
+        "skopeo",
+        [
+            "login",
+            "--tls-verify=false",
+            "--authfile",
+            path_str(&authfile),
+            "--username",
+            user,
+            "--password",
+            secret,
+            &app.addr.to_string(),
+        ],
+    )
+    .await;
+    run(
+        "skopeo",
+        [
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--authfile",
+            path_str(&authfile),
+            &remote,
+        ],
+    )
+    .await;
+
+    // Private: an anonymous pull fails; public: it works.
+    let anon = output(
+        "skopeo",
+        [
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--no-creds",
+            &remote,
+        ],
+    )
+    .await;
+    assert!(
+        !anon.status.success(),
+        "anonymous pull of a private repository succeeded"
+    );
+    sqlx::query("UPDATE repositories SET visibility = 'public' WHERE id = $1")
+        .bind(repo_id)
+        .execute(&id.db.write)
+        .await
+        .unwrap();
+    let raw = run(
+        "skopeo",
+        [
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--no-creds",
+            &remote,
+        ],
+    )
+    .await;
+    assert!(raw.contains("schemaVersion"));
+    let dst = tmp.path().join("anon");
+    run(
+        "skopeo",
+        [
+            "copy",
+            "--src-tls-verify=false",
+            "--src-no-creds",
+            &remote,
+            &format!("oci:{}:v1", path_str(&dst)),
+        ],
+    )
+    .await;
+}
