@@ -173,6 +173,25 @@ impl Gate {
         }
     }
 
+    /// Records a successful push or delete in the audit log. A failure to
+    /// record is logged, not returned: the change already happened.
+    pub async fn audit(&self, caller: &Caller, action: &str, target: &str, address: &str) {
+        let who = match caller {
+            Caller::Principal(p) => p.clone(),
+            Caller::Token(c) => match self.identity.principal_by_name(&c.sub).await {
+                Ok(Some(p)) => p,
+                _ => Principal::Anonymous,
+            },
+        };
+        if let Err(e) = self
+            .identity
+            .audit(&who, action, target, address, true, None)
+            .await
+        {
+            tracing::error!(error = %e, action, target, "could not write the audit log");
+        }
+    }
+
     /// `WWW-Authenticate: Bearer realm=…,service=…[,scope=…][,error=…]`.
     fn challenge(
         &self,

@@ -289,11 +289,29 @@ async fn dispatch(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string())
         .unwrap_or_default();
-    let result = match authorize(&gate, &route, &method, req.headers(), &address).await {
-        Ok(caller) => handle(&reg, route, req, Ctx { gate, caller }).await,
-        Err(e) => Err(e),
+    // Pushes and deletes are security-relevant: audited once they succeed.
+    let audited = match (&route, &method) {
+        (Route::Manifest(n, r), &Method::PUT) => Some(("push", format!("{n}:{r}"))),
+        (Route::Manifest(n, r), &Method::DELETE) => Some(("delete", format!("{n}:{r}"))),
+        (Route::Blob(n, d), &Method::DELETE) => Some(("delete", format!("{n}@{d}"))),
+        _ => None,
+    };
+    let (result, caller) = match authorize(&gate, &route, &method, req.headers(), &address).await {
+        Ok(caller) => {
+            let ctx = Ctx {
+                gate: gate.clone(),
+                caller: caller.clone(),
+            };
+            (handle(&reg, route, req, ctx).await, caller)
+        }
+        Err(e) => (Err(e), None),
     };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    if let (Some((action, target)), Some(caller)) = (audited, caller)
+        && resp.status().is_success()
+    {
+        gate.audit(&caller, action, &target, &address).await;
+    }
     resp.extensions_mut().insert(RouteKind(kind));
     resp
 }

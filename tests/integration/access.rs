@@ -604,3 +604,78 @@ async fn docker_token_flow_and_catalog_filtering() {
         .unwrap();
     assert_error(r, 404, "BLOB_UNKNOWN").await;
 }
+
+#[tokio::test]
+async fn pushes_and_deletes_are_audited() {
+    let app = TestApp::start().await;
+    let (d, _) = app.push_image("audit/app", "v1", &[b"audited layer"]).await;
+    assert_eq!(
+        app.req(Method::DELETE, "/v2/audit/app/manifests/v1")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(
+        app.req(Method::DELETE, &format!("/v2/audit/app/manifests/{d}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    // A refused push is not recorded as a push.
+    let r = app
+        .anon
+        .put(app.url("/v2/audit/app/manifests/v2"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let id = Identity::new(
+        dockyard_core::Db::connect(&app.config.database_url(), 2)
+            .await
+            .unwrap(),
+    );
+    let rows = sqlx::query("SELECT actor, action, target, address FROM audit_log WHERE action IN ('push', 'delete') ORDER BY id")
+        .fetch_all(&id.db.read)
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            use sqlx::Row;
+            (
+                r.try_get(0).unwrap(),
+                r.try_get(1).unwrap(),
+                r.try_get(2).unwrap(),
+                r.try_get(3).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "admin".into(),
+                "push".into(),
+                "audit/app:v1".into(),
+                "127.0.0.1".into()
+            ),
+            (
+                "admin".into(),
+                "delete".into(),
+                "audit/app:v1".into(),
+                "127.0.0.1".into()
+            ),
+            (
+                "admin".into(),
+                "delete".into(),
+                format!("audit/app:{d}"),
+                "127.0.0.1".into()
+            ),
+        ]
+    );
+}
