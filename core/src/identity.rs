@@ -703,42 +703,54 @@ impl Identity {
                     }
                 }
                 if let Some(r) = &repo_row {
-                    let rid: i64 = r.try_get(0)?;
-                    let rows = sqlx::query(
-                        "SELECT role FROM repository_permissions WHERE repository_id = $1 AND \
-                         ((subject_kind = 'user' AND subject_id = $2) OR \
-                          (subject_kind = 'team' AND subject_id IN (SELECT team_id FROM team_members WHERE user_id = $2)))",
-                    )
-                    .bind(rid)
-                    .bind(id)
-                    .fetch_all(&self.db.read)
-                    .await?;
-                    for row in rows {
-                        if let Some(role) = Role::parse(&row.try_get::<String, _>(0)?) {
-                            raise(role);
-                        }
-                    }
+                    let grants = self
+                        .grants(
+                            "SELECT role FROM repository_permissions WHERE repository_id = $1 AND \
+                             ((subject_kind = 'user' AND subject_id = $2) OR \
+                              (subject_kind = 'team' AND subject_id IN (SELECT team_id FROM team_members WHERE user_id = $2)))",
+                            r.try_get(0)?,
+                            *id,
+                        )
+                        .await?;
+                    grants.into_iter().for_each(&mut raise);
                 }
             }
             Principal::Robot { id, .. } => {
                 if let Some(r) = &repo_row {
-                    let rid: i64 = r.try_get(0)?;
-                    let rows = sqlx::query(
-                        "SELECT role FROM repository_permissions WHERE repository_id = $1 AND subject_kind = 'robot' AND subject_id = $2",
-                    )
-                    .bind(rid)
-                    .bind(id)
-                    .fetch_all(&self.db.read)
-                    .await?;
-                    for row in rows {
-                        if let Some(role) = Role::parse(&row.try_get::<String, _>(0)?) {
-                            raise(role);
-                        }
-                    }
+                    let grants = self
+                        .grants(
+                            "SELECT role FROM repository_permissions WHERE repository_id = $1 \
+                             AND subject_kind = 'robot' AND subject_id = $2",
+                            r.try_get(0)?,
+                            *id,
+                        )
+                        .await?;
+                    grants.into_iter().for_each(&mut raise);
                 }
             }
         }
         Ok(best)
+    }
+
+    /// The roles a grants query (`$1` repository id, `$2` subject id) finds.
+    async fn grants(
+        &self,
+        sql: &'static str,
+        repository_id: i64,
+        subject_id: i64,
+    ) -> Result<Vec<Role>> {
+        let rows = sqlx::query(sql)
+            .bind(repository_id)
+            .bind(subject_id)
+            .fetch_all(&self.db.read)
+            .await?;
+        let mut roles = Vec::new();
+        for row in rows {
+            if let Some(role) = Role::parse(&row.try_get::<String, _>(0)?) {
+                roles.push(role);
+            }
+        }
+        Ok(roles)
     }
 
     /// Records a security-relevant action.

@@ -17,7 +17,9 @@ use dockyard_oci::{Digest, DigestHasher, ErrorCode, RepoName};
 use futures::StreamExt;
 
 use crate::error::{RegistryError, Result};
-use crate::http_util::{byte_range, content_length, content_range, header as hdr, param, query};
+use crate::http_util::{
+    byte_range, content_length, content_range, digest_param, header as hdr, hv, param, query,
+};
 use crate::meta::{Unlink, UploadRow};
 use crate::storage::{Storage, WriteError};
 use crate::{Registry, UploadState};
@@ -36,10 +38,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!("dockyard_uploads_in_flight").decrement(1.0);
     }
-}
-
-fn hv(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn upload_location(name: &RepoName, id: &str) -> String {
@@ -222,11 +220,7 @@ pub async fn start_upload(
     let q = query(req.uri());
     let repo_id = reg.meta.ensure_repo(name.as_str()).await?;
     if let Some(mount) = param(&q, "mount") {
-        let digest: Digest = mount
-            .parse()
-            .map_err(|e: dockyard_oci::digest::DigestError| {
-                RegistryError::with_message(ErrorCode::DigestInvalid, e.to_string())
-            })?;
+        let digest = digest_param(mount)?;
         let from = param(&q, "from").and_then(|f| f.parse::<RepoName>().ok());
         // Mounting reads the source: the caller must be allowed to pull it.
         let readable = match (&from, &ctx.caller) {
@@ -245,9 +239,7 @@ pub async fn start_upload(
     reg.meta.create_upload(repo_id, &id).await?;
     reg.start_upload_state(&id);
     if let Some(d) = param(&q, "digest") {
-        let digest: Digest = d.parse().map_err(|e: dockyard_oci::digest::DigestError| {
-            RegistryError::with_message(ErrorCode::DigestInvalid, e.to_string())
-        })?;
+        let digest = digest_param(d)?;
         let row = UploadRow {
             repository_id: repo_id,
             size: 0,
@@ -395,17 +387,12 @@ pub async fn finish_upload(
     req: Request,
 ) -> Result<Response> {
     let q = query(req.uri());
-    let digest: Digest = param(&q, "digest")
-        .ok_or_else(|| {
-            RegistryError::with_message(
-                ErrorCode::DigestInvalid,
-                "the digest query parameter is required",
-            )
-        })?
-        .parse()
-        .map_err(|e: dockyard_oci::digest::DigestError| {
-            RegistryError::with_message(ErrorCode::DigestInvalid, e.to_string())
-        })?;
+    let digest = digest_param(param(&q, "digest").ok_or_else(|| {
+        RegistryError::with_message(
+            ErrorCode::DigestInvalid,
+            "the digest query parameter is required",
+        )
+    })?)?;
     let row = reg
         .meta
         .upload(name.as_str(), id)

@@ -6,6 +6,19 @@ use std::ops::Range;
 use axum::http::HeaderMap;
 use dockyard_oci::media_type::essence;
 
+/// A header value from text that may not be a valid header (then empty).
+pub fn hv(s: &str) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_str(s)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static(""))
+}
+
+/// A digest from a query parameter, or DIGEST_INVALID.
+pub fn digest_param(s: &str) -> crate::Result<dockyard_oci::Digest> {
+    s.parse().map_err(|e: dockyard_oci::digest::DigestError| {
+        crate::RegistryError::with_message(dockyard_oci::ErrorCode::DigestInvalid, e.to_string())
+    })
+}
+
 /// The request's query parameters (later duplicates win).
 pub fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
     uri.query()

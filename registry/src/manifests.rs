@@ -11,12 +11,8 @@ use serde_json::json;
 
 use crate::Registry;
 use crate::error::{RegistryError, Result};
-use crate::http_util::{accepts, content_length, header as hdr, param, query};
+use crate::http_util::{accepts, content_length, header as hdr, hv, param, query};
 use crate::meta::PutManifestError;
-
-fn hv(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
 
 const DIGEST_HEADER: header::HeaderName = header::HeaderName::from_static("docker-content-digest");
 

@@ -38,27 +38,6 @@ enum Level {
     Delete,
 }
 
-async fn token_for(
-    app: &TestApp,
-    creds: Option<(&str, &str)>,
-    service: &str,
-    scope: &str,
-) -> String {
-    let mut req = app
-        .anon
-        .get(app.url("/v2/auth"))
-        .query(&[("service", service), ("scope", scope)]);
-    if let Some((u, p)) = creds {
-        req = req.basic_auth(u, Some(p));
-    }
-    let r = req.send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn permission_matrix_covers_every_route() {
     let app = TestApp::start_with(|c| c.auth.token_ttl = std::time::Duration::from_secs(30)).await;
@@ -144,11 +123,12 @@ async fn permission_matrix_covers_every_route() {
         .unwrap();
 
     let all = "repository:acme/app:pull,push,delete";
-    let admin_token = token_for(&app, Some(ADMIN), "dockyard", all).await;
-    let reader_token = token_for(&app, Some(("reader", "reader-password")), "dockyard", all).await;
-    let robot_ro_token = token_for(&app, Some((&ro_name, &ro_secret)), "dockyard", all).await;
-    let robot_rw_token = token_for(&app, Some((&rw_name, &rw_secret)), "dockyard", all).await;
-    let notary_token = token_for(&app, Some(ADMIN), "dockyard-notary", all).await;
+    let admin_token = fetch_token(&app, Some(ADMIN), "dockyard", all).await;
+    let reader_token =
+        fetch_token(&app, Some(("reader", "reader-password")), "dockyard", all).await;
+    let robot_ro_token = fetch_token(&app, Some((&ro_name, &ro_secret)), "dockyard", all).await;
+    let robot_rw_token = fetch_token(&app, Some((&rw_name, &rw_secret)), "dockyard", all).await;
+    let notary_token = fetch_token(&app, Some(ADMIN), "dockyard-notary", all).await;
     let mut forged: Vec<String> = admin_token.split('.').map(str::to_string).collect();
     forged[2] = forged[2].chars().rev().collect();
     let forged = forged.join(".");
@@ -474,7 +454,7 @@ async fn docker_token_flow_and_catalog_filtering() {
             .contains("scope=\"repository:alice/app:pull,push\"")
     );
     // Then the token, then the request with it.
-    let t = token_for(
+    let t = fetch_token(
         &app,
         Some(("alice", "alice-password")),
         "dockyard",
@@ -504,7 +484,7 @@ async fn docker_token_flow_and_catalog_filtering() {
     );
     assert_error(r, 401, "DENIED").await;
     // Public repositories pull anonymously (with an anonymous token).
-    let t = token_for(&app, None, "dockyard", "repository:open/site:pull").await;
+    let t = fetch_token(&app, None, "dockyard", "repository:open/site:pull").await;
     assert_eq!(
         app.anon
             .get(app.url("/v2/open/site/manifests/v1"))
@@ -526,7 +506,7 @@ async fn docker_token_flow_and_catalog_filtering() {
         200
     );
     // ...but not push.
-    let t = token_for(&app, None, "dockyard", "repository:open/site:pull,push").await;
+    let t = fetch_token(&app, None, "dockyard", "repository:open/site:pull,push").await;
     let r = app
         .anon
         .post(app.url("/v2/open/site/blobs/uploads/"))
@@ -565,7 +545,7 @@ async fn docker_token_flow_and_catalog_filtering() {
     )
     .await;
     assert_eq!(v, serde_json::json!(["alice/app"]));
-    let t = token_for(&app, None, "dockyard", "registry:catalog:*").await;
+    let t = fetch_token(&app, None, "dockyard", "registry:catalog:*").await;
     let r = app
         .anon
         .get(app.url("/v2/_catalog"))

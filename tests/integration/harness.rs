@@ -265,6 +265,29 @@ pub fn admin_client() -> Client {
     Client::builder().default_headers(headers).build().unwrap()
 }
 
+/// A token from the server's token service for `service` and `scope`,
+/// with basic credentials or anonymously.
+pub async fn fetch_token(
+    app: &TestApp,
+    creds: Option<(&str, &str)>,
+    service: &str,
+    scope: &str,
+) -> String {
+    let mut req = app
+        .anon
+        .get(app.url("/v2/auth"))
+        .query(&[("service", service), ("scope", scope)]);
+    if let Some((u, p)) = creds {
+        req = req.basic_auth(u, Some(p));
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200, "token request");
+    r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::harness::*;
 
@@ -17,22 +17,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn token(app: &TestApp, creds: Option<(&str, &str)>, service: &str, scope: &str) -> String {
-    let mut req = app
-        .anon
-        .get(app.url("/v2/auth"))
-        .query(&[("service", service), ("scope", scope)]);
-    if let Some((u, p)) = creds {
-        req = req.basic_auth(u, Some(p));
-    }
-    let r = req.send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test]
@@ -119,7 +103,7 @@ async fn notary_server_accepts_dockyard_tokens() {
 
     // A Dockyard token for the notary service with pull: accepted (the
     // collection has no trust data yet, hence 404, not 401).
-    let t = token(
+    let t = fetch_token(
         &app,
         Some(ADMIN),
         "dockyard-notary",
@@ -135,7 +119,7 @@ async fn notary_server_accepts_dockyard_tokens() {
     );
 
     // Publishing needs push+pull: the admin's token passes the auth check.
-    let t = token(
+    let t = fetch_token(
         &app,
         Some(ADMIN),
         "dockyard-notary",
@@ -157,7 +141,7 @@ async fn notary_server_accepts_dockyard_tokens() {
 
     // Refused: an anonymous token for a private repository (no access), a
     // token for the registry's own service, and a forged one.
-    let anon = token(
+    let anon = fetch_token(
         &app,
         None,
         "dockyard-notary",
@@ -174,7 +158,7 @@ async fn notary_server_accepts_dockyard_tokens() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
-    let registry_token = token(
+    let registry_token = fetch_token(
         &app,
         Some(ADMIN),
         "dockyard",
@@ -191,7 +175,7 @@ async fn notary_server_accepts_dockyard_tokens() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
-    let t = token(
+    let t = fetch_token(
         &app,
         Some(ADMIN),
         "dockyard-notary",
