@@ -14,6 +14,7 @@
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rand::RngCore;
+use serde::Serialize;
 use sha2::Digest as _;
 use sqlx::Row;
 use subtle::ConstantTimeEq;
@@ -186,6 +187,13 @@ fn parse_token(token: &str) -> Option<(TokenKind, &str, &str)> {
     };
     let (id, secret) = rest.split_once('_')?;
     (id.len() == 16 && secret.len() == 43).then_some((kind, id, secret))
+}
+
+/// Whether a secret has the shape of one of our opaque tokens.
+pub fn looks_like_token(secret: &str) -> bool {
+    ["dyr_", "dyp_", "dyf_"]
+        .iter()
+        .any(|p| secret.starts_with(p))
 }
 
 /// Parses an `Authorization: Basic …` header value into user and secret.
@@ -753,6 +761,221 @@ impl Identity {
         Ok(roles)
     }
 
+    /// A repository's API view.
+    pub async fn repository(&self, name: &str) -> Result<Option<RepositoryInfo>> {
+        let row = sqlx::query(
+            "SELECT id, name, visibility, description, created_at FROM repositories WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.db.read)
+        .await?;
+        Ok(row.map(repository_info).transpose()?)
+    }
+
+    /// Repositories `who` may read, by name after `after`, at most `n`.
+    pub async fn visible_repositories(
+        &self,
+        who: &Principal,
+        namespace: Option<&str>,
+        after: &str,
+        n: usize,
+    ) -> Result<Vec<RepositoryInfo>> {
+        let mut out = Vec::new();
+        let mut cursor = after.to_string();
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, name, visibility, description, created_at FROM repositories \
+                 WHERE name > $1 AND ($2 = '' OR name LIKE $3) ORDER BY name LIMIT 200",
+            )
+            .bind(&cursor)
+            .bind(namespace.unwrap_or(""))
+            .bind(format!("{}/%", namespace.unwrap_or("")))
+            .fetch_all(&self.db.read)
+            .await?;
+            let done = rows.len() < 200;
+            for row in rows {
+                let info = repository_info(row)?;
+                cursor = info.name.clone();
+                // LIKE treats '_' as a wildcard; check the prefix exactly.
+                let in_namespace = namespace.is_none_or(|ns| {
+                    info.name
+                        .strip_prefix(ns)
+                        .is_some_and(|r| r.starts_with('/'))
+                });
+                if in_namespace && self.repository_role(who, &info.name).await?.is_some() {
+                    out.push(info);
+                    if out.len() == n {
+                        return Ok(out);
+                    }
+                }
+            }
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Creates an empty repository.
+    pub async fn create_repository(
+        &self,
+        name: &str,
+        visibility: &str,
+        description: &str,
+    ) -> Result<RepositoryInfo> {
+        let ns = name.split('/').next().unwrap_or(name);
+        let ns_id = self.namespace(ns).await?.map(|(id, _)| id);
+        let inserted = sqlx::query(
+            "INSERT INTO repositories (name, created_at, namespace_id, visibility, description) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_millis())
+        .bind(ns_id)
+        .bind(visibility)
+        .bind(description)
+        .execute(&self.db.write)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(IdentityError::Exists(format!("repository {name}")));
+        }
+        self.repository(name)
+            .await?
+            .ok_or_else(|| IdentityError::NotFound(format!("repository {name}")))
+    }
+
+    /// Changes visibility and/or description.
+    pub async fn update_repository(
+        &self,
+        name: &str,
+        visibility: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE repositories SET visibility = COALESCE($1, visibility), description = COALESCE($2, description) WHERE name = $3",
+        )
+        .bind(visibility)
+        .bind(description)
+        .bind(name)
+        .execute(&self.db.write)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(IdentityError::NotFound(format!("repository {name}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes a repository with its manifests, tags, blob links, upload
+    /// sessions and permissions (the bytes are reclaimed by GC).
+    pub async fn delete_repository(&self, name: &str) -> Result<bool> {
+        let mut tx = self.db.write.begin().await?;
+        let Some(row) = sqlx::query("SELECT id FROM repositories WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let id: i64 = row.try_get(0)?;
+        for table in [
+            "DELETE FROM tags WHERE repository_id = $1",
+            "DELETE FROM manifest_blobs WHERE repository_id = $1",
+            "DELETE FROM manifest_children WHERE repository_id = $1",
+            "DELETE FROM manifests WHERE repository_id = $1",
+            "DELETE FROM repository_blobs WHERE repository_id = $1",
+            "DELETE FROM uploads WHERE repository_id = $1",
+            "DELETE FROM repository_permissions WHERE repository_id = $1",
+            "DELETE FROM repositories WHERE id = $1",
+        ] {
+            sqlx::query(table).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// A user's personal tokens (never the secrets).
+    pub async fn personal_tokens(&self, user_id: i64) -> Result<Vec<TokenInfo>> {
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, expires_at, last_used_at, revoked_at FROM tokens \
+             WHERE user_id = $1 AND kind = 'personal' ORDER BY created_at",
+        )
+        .bind(user_id)
+        .fetch_all(&self.db.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TokenInfo {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    created_at: r.try_get(2)?,
+                    expires_at: r.try_get(3)?,
+                    last_used_at: r.try_get(4)?,
+                    revoked_at: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Who owns a token: its user id, or its robot's `namespace+name`.
+    pub async fn token_owner(&self, id: &str) -> Result<Option<(Option<i64>, Option<String>)>> {
+        let row = sqlx::query(
+            "SELECT t.user_id, n.name, r.name FROM tokens t \
+             LEFT JOIN robots r ON r.id = t.robot_id LEFT JOIN namespaces n ON n.id = r.namespace_id \
+             WHERE t.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.db.read)
+        .await?;
+        Ok(row
+            .map(|r| -> sqlx::Result<_> {
+                let robot = match (
+                    r.try_get::<Option<String>, _>(1)?,
+                    r.try_get::<Option<String>, _>(2)?,
+                ) {
+                    (Some(ns), Some(name)) => Some(format!("{ns}+{name}")),
+                    _ => None,
+                };
+                Ok((r.try_get(0)?, robot))
+            })
+            .transpose()?)
+    }
+
+    /// The audit log, newest first, filtered.
+    pub async fn audit_entries(
+        &self,
+        actor: Option<&str>,
+        action: Option<&str>,
+        before_id: Option<i64>,
+        n: i64,
+    ) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, actor_kind, action, target, address, success, detail FROM audit_log \
+             WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR action = $2) AND id < $3 ORDER BY id DESC LIMIT $4",
+        )
+        .bind(actor.unwrap_or(""))
+        .bind(action.unwrap_or(""))
+        .bind(before_id.unwrap_or(i64::MAX))
+        .bind(n)
+        .fetch_all(&self.db.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    actor: r.try_get(2)?,
+                    actor_kind: r.try_get(3)?,
+                    action: r.try_get(4)?,
+                    target: r.try_get(5)?,
+                    address: r.try_get(6)?,
+                    success: flag(r.try_get(7)?),
+                    detail: r.try_get(8)?,
+                })
+            })
+            .collect()
+    }
+
     /// Records a security-relevant action.
     pub async fn audit(
         &self,
@@ -778,6 +1001,54 @@ impl Identity {
         .await?;
         Ok(())
     }
+}
+
+/// A repository as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepositoryInfo {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    pub visibility: String,
+    pub description: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+fn repository_info(r: sqlx::any::AnyRow) -> sqlx::Result<RepositoryInfo> {
+    Ok(RepositoryInfo {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        visibility: r.try_get(2)?,
+        description: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+    })
+}
+
+/// A token as listed (without its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub actor: String,
+    pub actor_kind: String,
+    pub action: String,
+    pub target: String,
+    pub address: String,
+    pub success: bool,
+    pub detail: Option<String>,
 }
 
 /// A fixed argon2id hash to verify against when a user does not exist.

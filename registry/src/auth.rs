@@ -8,8 +8,9 @@
 //!   audience and expiry verified once, then cached until it expires; the
 //!   `access` claim must list the action (or `*`) for the repository;
 //! - `Authorization: Basic` with a password, robot token or personal token
-//!   (convenient for scripts): checked against the identity store, cached
-//!   for a minute, and the action checked against the caller's current role.
+//!   (convenient for scripts): checked against the identity store (password
+//!   logins cached for a minute, tokens checked every time so revocation is
+//!   immediate), and the action checked against the caller's current role.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -109,8 +110,13 @@ impl Gate {
         let Some((user, secret)) = parse_basic(value) else {
             return Err(self.unauthorized(headers, None, None, "unsupported Authorization header"));
         };
+        // Passwords are cached briefly (argon2 is slow on purpose); tokens
+        // are cheap to check and must stop working the moment they are
+        // revoked, so they are checked every time.
+        let is_token = dockyard_core::identity::looks_like_token(&secret);
         let key: [u8; 32] = sha2::Sha256::digest(value.as_bytes()).into();
-        if let Some((p, at)) = self.basic.lock().expect("basic cache").get(&key)
+        if !is_token
+            && let Some((p, at)) = self.basic.lock().expect("basic cache").get(&key)
             && at.elapsed() < BASIC_TTL
         {
             return Ok(Some(Caller::Principal(p.clone())));
@@ -136,11 +142,13 @@ impl Gate {
                 ));
             }
         };
-        let mut cache = self.basic.lock().expect("basic cache");
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
+        if !is_token {
+            let mut cache = self.basic.lock().expect("basic cache");
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(key, (principal.clone(), Instant::now()));
         }
-        cache.insert(key, (principal.clone(), Instant::now()));
         Ok(Some(Caller::Principal(principal)))
     }
 

@@ -8,6 +8,7 @@
 //!   bucket per test) instead of the filesystem.
 
 mod access;
+mod api;
 mod auth;
 mod cli;
 mod clients;

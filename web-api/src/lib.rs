@@ -6,6 +6,7 @@
 //! `/metrics`) and the listener (plain HTTP or rustls TLS 1.2/1.3).
 //! It must not implement registry behaviour itself: it only wires crates.
 
+pub mod api;
 pub mod token_service;
 
 use std::sync::{Arc, OnceLock};
@@ -88,6 +89,7 @@ pub fn app(
     registry: Arc<Registry>,
     gate: Arc<dockyard_registry::Gate>,
     tokens: Arc<token_service::TokenService>,
+    api: Arc<api::ApiState>,
 ) -> Router {
     let ops = Ops {
         registry: registry.clone(),
@@ -114,6 +116,7 @@ pub fn app(
         ));
     Router::new()
         .merge(dockyard_registry::router(registry, gate))
+        .merge(api::router(api))
         .merge(ops_routes)
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(
@@ -199,10 +202,13 @@ pub async fn serve(
         identity.clone(),
         &config,
     ));
+    let api = Arc::new(api::ApiState {
+        identity: identity.clone(),
+    });
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
-    let app =
-        app(registry, gate, tokens).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = app(registry, gate, tokens, api)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let addr = config.listen;
     let result = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => {

@@ -1,0 +1,574 @@
+//! The REST API `/api/v1`: repositories, robots, tokens, permissions and
+//! audit, with the OpenAPI document and a permission matrix over every
+//! operation it lists.
+
+use std::collections::BTreeSet;
+
+use dockyard_core::identity::Identity;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+async fn setup() -> (TestApp, Identity) {
+    let app = TestApp::start().await;
+    let id = Identity::new(
+        dockyard_core::Db::connect(&app.config.database_url(), 2)
+            .await
+            .unwrap(),
+    );
+    id.create_user("alice", Some("alice-password"), false)
+        .await
+        .unwrap();
+    id.create_user("bob", Some("bob-password"), false)
+        .await
+        .unwrap();
+    (app, id)
+}
+
+fn as_user(
+    app: &TestApp,
+    m: Method,
+    path: &str,
+    user: Option<(&str, &str)>,
+) -> reqwest::RequestBuilder {
+    let r = app.anon.request(m, app.url(path));
+    match user {
+        Some((u, p)) => r.basic_auth(u, Some(p)),
+        None => r,
+    }
+}
+
+const ALICE: Option<(&str, &str)> = Some(("alice", "alice-password"));
+const BOB: Option<(&str, &str)> = Some(("bob", "bob-password"));
+
+async fn api_error(r: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(r.status().as_u16(), status);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].is_string());
+}
+
+#[tokio::test]
+async fn repositories_robots_tokens_and_audit() {
+    let (app, _id) = setup().await;
+    // Create, refuse duplicates, bad names, foreign namespaces, anonymous.
+    let r = as_user(&app, Method::POST, "/api/v1/repositories", ALICE)
+        .json(&json!({ "name": "alice/app", "description": "the app" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["visibility"], "private");
+    assert_eq!(v["description"], "the app");
+    let create = |user, body: Value| {
+        as_user(&app, Method::POST, "/api/v1/repositories", user)
+            .json(&body)
+            .send()
+    };
+    api_error(
+        create(ALICE, json!({ "name": "alice/app" })).await.unwrap(),
+        409,
+        "exists",
+    )
+    .await;
+    api_error(
+        create(ALICE, json!({ "name": "alice/../x" }))
+            .await
+            .unwrap(),
+        400,
+        "invalid",
+    )
+    .await;
+    api_error(
+        create(ALICE, json!({ "name": "alice/x", "visibility": "secret" }))
+            .await
+            .unwrap(),
+        400,
+        "invalid",
+    )
+    .await;
+    api_error(
+        create(ALICE, json!({ "name": "bob/app" })).await.unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    api_error(
+        create(None, json!({ "name": "alice/y" })).await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    create(
+        ALICE,
+        json!({ "name": "alice/second", "visibility": "public" }),
+    )
+    .await
+    .unwrap();
+
+    // Visibility: bob sees only the public one; the private one is a 404.
+    let list = |user| as_user(&app, Method::GET, "/api/v1/repositories", user).send();
+    let v: Value = list(BOB).await.unwrap().json().await.unwrap();
+    assert_eq!(v["repositories"].as_array().unwrap().len(), 1);
+    assert_eq!(v["repositories"][0]["name"], "alice/second");
+    api_error(
+        as_user(&app, Method::GET, "/api/v1/repositories/alice/app", BOB)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    // Pagination for alice.
+    let v: Value = as_user(&app, Method::GET, "/api/v1/repositories?n=1", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["repositories"][0]["name"], "alice/app");
+    assert_eq!(v["next"], "alice/app");
+    let v: Value = as_user(
+        &app,
+        Method::GET,
+        "/api/v1/repositories?n=1&last=alice/app",
+        ALICE,
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(v["repositories"][0]["name"], "alice/second");
+    assert!(v["next"].is_null());
+    // Grant bob read; bob sees it, cannot change it.
+    let r = as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/repositories/alice/app/permissions/user/bob",
+        ALICE,
+    )
+    .json(&json!({ "role": "read" }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = as_user(&app, Method::GET, "/api/v1/repositories/alice/app", BOB)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["your_role"], "read");
+    let r = as_user(&app, Method::PATCH, "/api/v1/repositories/alice/app", BOB)
+        .json(&json!({ "visibility": "public" }))
+        .send()
+        .await
+        .unwrap();
+    api_error(r, 403, "forbidden").await;
+    // Alice makes it public: anonymous pulls through the registry work.
+    let r = as_user(&app, Method::PATCH, "/api/v1/repositories/alice/app", ALICE)
+        .json(&json!({ "visibility": "public" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["visibility"], "public");
+    let t = fetch_token(&app, None, "dockyard", "repository:alice/app:pull").await;
+    assert_eq!(
+        app.anon
+            .get(app.url("/v2/alice/app/tags/list"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A robot for alice's namespace, given write, pushes with its token.
+    let r = as_user(&app, Method::POST, "/api/v1/namespaces/alice/robots", ALICE)
+        .json(&json!({ "name": "ci" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let robot: Value = r.json().await.unwrap();
+    assert_eq!(robot["name"], "alice+ci");
+    let secret = robot["token"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("dyr_"));
+    let r = as_user(&app, Method::POST, "/api/v1/namespaces/alice/robots", BOB)
+        .json(&json!({ "name": "evil" }))
+        .send()
+        .await
+        .unwrap();
+    api_error(r, 403, "forbidden").await;
+    let push = |secret: String| {
+        app.anon
+            .post(app.url("/v2/alice/app/blobs/uploads/"))
+            .basic_auth("alice+ci", Some(secret))
+            .send()
+    };
+    assert_eq!(
+        push(secret.clone()).await.unwrap().status(),
+        403,
+        "no permission yet"
+    );
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/repositories/alice/app/permissions/robot/alice+ci",
+        ALICE,
+    )
+    .json(&json!({ "role": "write" }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(push(secret.clone()).await.unwrap().status(), 202);
+    // Rotation: a new token, then the old one revoked.
+    let r = as_user(
+        &app,
+        Method::POST,
+        "/api/v1/namespaces/alice/robots/ci/tokens",
+        ALICE,
+    )
+    .json(&json!({ "expires_in_days": 30 }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let new_secret = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old_id = robot["token_id"].as_str().unwrap();
+    api_error(
+        as_user(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/tokens/{old_id}"),
+            BOB,
+        )
+        .send()
+        .await
+        .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        as_user(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/tokens/{old_id}"),
+            ALICE
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        204
+    );
+    assert_eq!(push(secret).await.unwrap().status(), 401, "revoked");
+    assert_eq!(push(new_secret).await.unwrap().status(), 202);
+
+    // Personal tokens: create, use as bearer on the API, listed without secret, revoke.
+    let r = as_user(&app, Method::POST, "/api/v1/user/tokens", BOB)
+        .json(&json!({ "name": "laptop" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pat: Value = r.json().await.unwrap();
+    let pat_secret = pat["token"].as_str().unwrap().to_string();
+    assert!(pat_secret.starts_with("dyp_"));
+    let r = app
+        .anon
+        .get(app.url("/api/v1/user/tokens"))
+        .bearer_auth(&pat_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains(&pat_secret), "secrets are never listed");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["tokens"][0]["name"], "laptop");
+    assert!(
+        v["tokens"][0]["last_used_at"].is_i64(),
+        "last use is recorded"
+    );
+    let pat_id = pat["id"].as_str().unwrap();
+    assert_eq!(
+        app.anon
+            .delete(app.url(&format!("/api/v1/tokens/{pat_id}")))
+            .bearer_auth(&pat_secret)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    api_error(
+        app.anon
+            .get(app.url("/api/v1/user/tokens"))
+            .bearer_auth(&pat_secret)
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+
+    // Delete the repository.
+    api_error(
+        as_user(&app, Method::DELETE, "/api/v1/repositories/alice/app", BOB)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(
+        as_user(
+            &app,
+            Method::DELETE,
+            "/api/v1/repositories/alice/app",
+            ALICE
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        204
+    );
+    api_error(
+        as_user(&app, Method::GET, "/api/v1/repositories/alice/app", ALICE)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+
+    // The audit log has it all, for superusers only.
+    api_error(
+        as_user(&app, Method::GET, "/api/v1/audit", ALICE)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    let v: Value = app.get("/api/v1/audit?n=500").await.json().await.unwrap();
+    let actions: BTreeSet<String> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    for a in [
+        "repository.created",
+        "repository.visibility",
+        "permission.changed",
+        "robot.created",
+        "token.created",
+        "token.revoked",
+        "repository.deleted",
+    ] {
+        assert!(actions.contains(a), "{a} not audited: {actions:?}");
+    }
+    let v: Value = app
+        .get("/api/v1/audit?action=repository.deleted")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(v["entries"][0]["actor"], "alice");
+    assert_eq!(v["entries"][0]["target"], "alice/app");
+    assert_eq!(v["entries"][0]["address"], "127.0.0.1");
+}
+
+/// One matrix row: operation as the OpenAPI document names it, concrete
+/// path, JSON body (null for none), and the statuses expected for the
+/// anonymous caller, an unrelated user (bob) and the owner (alice).
+type Row = (
+    &'static str,
+    String,
+    Value,
+    u16,
+    &'static [u16],
+    &'static [u16],
+);
+
+/// Every operation of the OpenAPI document, called anonymously, as an
+/// unrelated user, and as the owner: refused, refused (or hidden), allowed.
+#[tokio::test]
+async fn api_permission_matrix_covers_every_operation() {
+    let (app, id) = setup().await;
+    as_user(&app, Method::POST, "/api/v1/repositories", ALICE)
+        .json(&json!({ "name": "alice/app" }))
+        .send()
+        .await
+        .unwrap();
+    as_user(&app, Method::POST, "/api/v1/namespaces/alice/robots", ALICE)
+        .json(&json!({ "name": "ci" }))
+        .send()
+        .await
+        .unwrap();
+    drop(id);
+    let doc: Value = app
+        .anon
+        .get(app.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["info"]["title"], "Dockyard API");
+    let mut operations = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            operations.insert(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    // (operation, concrete path, body, anonymous, bob, alice)
+    let table: Vec<Row> = vec![
+        (
+            "GET /api/v1/repositories",
+            "/api/v1/repositories".into(),
+            json!(null),
+            200,
+            &[200],
+            &[200],
+        ),
+        (
+            "POST /api/v1/repositories",
+            "/api/v1/repositories".into(),
+            json!({"name": "alice/new"}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "GET /api/v1/repositories/{namespace}/{name}",
+            "/api/v1/repositories/alice/app".into(),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "PATCH /api/v1/repositories/{namespace}/{name}",
+            "/api/v1/repositories/alice/app".into(),
+            json!({"description": "x"}),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "PUT /api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}",
+            "/api/v1/repositories/alice/app/permissions/user/bob".into(),
+            json!({"role": "read"}),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/namespaces/{namespace}/robots",
+            "/api/v1/namespaces/alice/robots".into(),
+            json!({"name": "other"}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "POST /api/v1/namespaces/{namespace}/robots/{robot}/tokens",
+            "/api/v1/namespaces/alice/robots/ci/tokens".into(),
+            json!({}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "POST /api/v1/user/tokens",
+            "/api/v1/user/tokens".into(),
+            json!({"name": "t"}),
+            401,
+            &[201],
+            &[201],
+        ),
+        (
+            "GET /api/v1/user/tokens",
+            "/api/v1/user/tokens".into(),
+            json!(null),
+            401,
+            &[200],
+            &[200],
+        ),
+        (
+            "DELETE /api/v1/tokens/{id}",
+            "/api/v1/tokens/unknown".into(),
+            json!(null),
+            401,
+            &[404],
+            &[404],
+        ),
+        (
+            "GET /api/v1/audit",
+            "/api/v1/audit".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        // Bob was granted read by the permissions row above: 403, not 404.
+        (
+            "DELETE /api/v1/repositories/{namespace}/{name}",
+            "/api/v1/repositories/alice/app".into(),
+            json!(null),
+            401,
+            &[403],
+            &[204],
+        ),
+    ];
+    let listed: BTreeSet<String> = table.iter().map(|t| t.0.to_string()).collect();
+    assert_eq!(
+        listed, operations,
+        "an API operation is missing from the permission matrix"
+    );
+    let mut failures = vec![];
+    for (op, path, body, anon, bob, alice) in &table {
+        let method: Method = op.split(' ').next().unwrap().parse().unwrap();
+        for (who, creds, expected) in [
+            ("anonymous", None, &[*anon][..]),
+            ("bob", BOB, *bob),
+            ("alice", ALICE, *alice),
+        ] {
+            let mut req = as_user(&app, method.clone(), path, creds);
+            if !body.is_null() {
+                req = req.json(body);
+            }
+            let status = req.send().await.unwrap().status();
+            if !expected.contains(&status.as_u16()) {
+                failures.push(format!("{who}: {op} -> {status}, expected {expected:?}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "API permission matrix:\n{}",
+        failures.join("\n")
+    );
+}

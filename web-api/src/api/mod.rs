@@ -1,0 +1,222 @@
+//! The REST API, `/api/v1`: JSON in and out, one error shape
+//! (`{"error": {"code", "message"}}`), authentication by bearer token
+//! (a personal or robot token), basic auth, or (later, for the UI) a session
+//! cookie. The OpenAPI document is generated from the handlers and served at
+//! `/api/v1/openapi.json`.
+//!
+//! Every route is in the flat list in [`router`]; each handler checks the
+//! caller's permission itself, through [`Caller`].
+
+mod audit;
+mod repositories;
+mod robots;
+mod tokens;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use dockyard_core::identity::{Identity, IdentityError, Login, Principal, TokenKind, parse_basic};
+use serde_json::json;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// State of the API handlers.
+pub struct ApiState {
+    /// Accounts, repositories' access data, audit.
+    pub identity: Identity,
+}
+
+/// An API error: status, a stable code, and a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "authentication required",
+        )
+    }
+    fn forbidden() -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "permission denied")
+    }
+    fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Exists(what) => Self::new(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("{what} already exists"),
+            ),
+            IdentityError::NotFound(what) => Self::not_found(&what),
+            IdentityError::Invalid(what) => Self::invalid(format!("invalid {what}")),
+            e => {
+                tracing::error!(error = %e, "api");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"dockyard\""),
+            );
+        }
+        r
+    }
+}
+
+/// The authenticated caller of an API request (anonymous when no
+/// credentials were sent; invalid credentials are refused).
+pub struct Caller(pub Principal);
+
+impl Caller {
+    /// The caller, or 401 when anonymous.
+    pub fn required(&self) -> Result<&Principal, ApiError> {
+        match &self.0 {
+            Principal::Anonymous => Err(ApiError::unauthorized()),
+            p => Ok(p),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let Some(value) = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Ok(Caller(Principal::Anonymous));
+        };
+        let address = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string())
+            .unwrap_or_default();
+        if let Some(token) = value.strip_prefix("Bearer ") {
+            return match state
+                .identity
+                .authenticate_token(token.trim(), None)
+                .await?
+            {
+                Some((p, TokenKind::Personal | TokenKind::Robot)) => Ok(Caller(p)),
+                _ => Err(ApiError::unauthorized()),
+            };
+        }
+        let (user, secret) = parse_basic(value).ok_or_else(ApiError::unauthorized)?;
+        match state
+            .identity
+            .login_limited(&user, &secret, &address, "api basic")
+            .await?
+        {
+            Login::Ok(p) => Ok(Caller(p)),
+            Login::Failed => Err(ApiError::unauthorized()),
+            Login::Limited(wait) => Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!(
+                    "too many failed logins; retry in {} s",
+                    wait.as_secs().max(1)
+                ),
+            )),
+        }
+    }
+}
+
+/// The client address, for the audit log.
+pub struct ClientAddress(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddress(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_default(),
+        ))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens and audit of a Dockyard registry."),
+    tags((name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"))
+)]
+struct ApiDoc;
+
+/// Every `/api/v1` route, and the OpenAPI document built from them.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(repositories::list, repositories::create))
+        .routes(routes!(
+            repositories::get,
+            repositories::update,
+            repositories::delete
+        ))
+        .routes(routes!(repositories::grant))
+        .routes(routes!(robots::create))
+        .routes(routes!(robots::create_token))
+        .routes(routes!(tokens::create, tokens::list))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(audit::list))
+        .with_state(state)
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    router.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { Json(doc.as_ref().clone()) }
+        }),
+    )
+}
