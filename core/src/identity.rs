@@ -761,6 +761,50 @@ impl Identity {
         Ok(roles)
     }
 
+    /// Creates a team in an organization; returns its id.
+    pub async fn create_team(&self, org_ns: i64, name: &str) -> Result<i64> {
+        if !valid_name(name) {
+            return Err(IdentityError::Invalid(format!("team name {name:?}")));
+        }
+        let n = sqlx::query(
+            "INSERT INTO teams (namespace_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (namespace_id, name) DO NOTHING",
+        )
+        .bind(org_ns)
+        .bind(name)
+        .bind(now_millis())
+        .execute(&self.db.write)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(IdentityError::Exists(format!("team {name}")));
+        }
+        self.team(org_ns, name)
+            .await?
+            .ok_or_else(|| IdentityError::NotFound(format!("team {name}")))
+    }
+
+    /// A team's id by organization and name.
+    pub async fn team(&self, org_ns: i64, name: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT id FROM teams WHERE namespace_id = $1 AND name = $2")
+            .bind(org_ns)
+            .bind(name)
+            .fetch_optional(&self.db.read)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Adds a user to a team.
+    pub async fn add_team_member(&self, team_id: i64, user_id: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO team_members (team_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(team_id)
+        .bind(user_id)
+        .execute(&self.db.write)
+        .await?;
+        Ok(())
+    }
+
     /// A repository's API view.
     pub async fn repository(&self, name: &str) -> Result<Option<RepositoryInfo>> {
         let row = sqlx::query(

@@ -426,6 +426,12 @@ async fn api_permission_matrix_covers_every_operation() {
         .send()
         .await
         .unwrap();
+    let r = as_user(&app, Method::POST, "/api/v1/organizations", ALICE)
+        .json(&json!({ "name": "acme" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     drop(id);
     let doc: Value = app
         .anon
@@ -445,6 +451,54 @@ async fn api_permission_matrix_covers_every_operation() {
     }
     // (operation, concrete path, body, anonymous, bob, alice)
     let table: Vec<Row> = vec![
+        (
+            "GET /api/v1/user",
+            "/api/v1/user".into(),
+            json!(null),
+            401,
+            &[200],
+            &[200],
+        ),
+        (
+            "POST /api/v1/users",
+            "/api/v1/users".into(),
+            json!({"username": "newbie", "password": "long-password"}),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "POST /api/v1/organizations",
+            "/api/v1/organizations".into(),
+            json!({"name": "neworg"}),
+            401,
+            &[201],
+            &[409],
+        ),
+        (
+            "PUT /api/v1/organizations/{org}/members/{user}",
+            "/api/v1/organizations/acme/members/bob".into(),
+            json!({"role": "member"}),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
+            "POST /api/v1/organizations/{org}/teams",
+            "/api/v1/organizations/acme/teams".into(),
+            json!({"name": "devs"}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "PUT /api/v1/organizations/{org}/teams/{team}/members/{user}",
+            "/api/v1/organizations/acme/teams/devs/members/bob".into(),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
         (
             "GET /api/v1/repositories",
             "/api/v1/repositories".into(),
@@ -571,4 +625,148 @@ async fn api_permission_matrix_covers_every_operation() {
         "API permission matrix:\n{}",
         failures.join("\n")
     );
+}
+
+#[tokio::test]
+async fn users_organizations_and_teams() {
+    let (app, _id) = setup().await;
+    // Superusers create users; the new user can log in.
+    let r = app
+        .req(Method::POST, "/api/v1/users")
+        .json(&json!({ "username": "carol", "password": "carol-password" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = as_user(
+        &app,
+        Method::GET,
+        "/api/v1/user",
+        Some(("carol", "carol-password")),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        v,
+        json!({ "kind": "user", "name": "carol", "superuser": false })
+    );
+    let r = app
+        .req(Method::POST, "/api/v1/users")
+        .json(&json!({ "username": "dan", "password": "short" }))
+        .send()
+        .await
+        .unwrap();
+    api_error(r, 400, "invalid").await;
+    // Alice's organization: she owns its repositories; bob, a plain member, does not.
+    assert_eq!(
+        as_user(&app, Method::POST, "/api/v1/organizations", ALICE)
+            .json(&json!({ "name": "acme" }))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/organizations/acme/members/bob",
+        ALICE,
+    )
+    .json(&json!({ "role": "member" }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(
+        as_user(&app, Method::POST, "/api/v1/repositories", ALICE)
+            .json(&json!({ "name": "acme/app" }))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    api_error(
+        as_user(&app, Method::GET, "/api/v1/repositories/acme/app", BOB)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    // A team with write on the repository gives bob push.
+    let r = as_user(
+        &app,
+        Method::POST,
+        "/api/v1/organizations/acme/teams",
+        ALICE,
+    )
+    .json(&json!({ "name": "devs" }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let team_id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/organizations/acme/teams/devs/members/bob",
+        ALICE,
+    )
+    .send()
+    .await
+    .unwrap();
+    let r = as_user(
+        &app,
+        Method::PUT,
+        &format!("/api/v1/repositories/acme/app/permissions/team/{team_id}"),
+        ALICE,
+    )
+    .json(&json!({ "role": "write" }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = fetch_token(&app, BOB, "dockyard", "repository:acme/app:pull,push").await;
+    let r = app
+        .anon
+        .post(app.url("/v2/acme/app/blobs/uploads/"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "team write grants push");
+    // Promoted to admin, bob may manage the organization.
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/organizations/acme/members/bob",
+        ALICE,
+    )
+    .json(&json!({ "role": "admin" }))
+    .send()
+    .await
+    .unwrap();
+    let r = as_user(&app, Method::POST, "/api/v1/organizations/acme/teams", BOB)
+        .json(&json!({ "name": "ops" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/organizations/acme/members/carol",
+        BOB,
+    )
+    .json(&json!({ "role": "king" }))
+    .send()
+    .await
+    .unwrap();
+    api_error(r, 400, "invalid").await;
 }

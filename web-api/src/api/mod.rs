@@ -7,6 +7,7 @@
 //! Every route is in the flat list in [`router`]; each handler checks the
 //! caller's permission itself, through [`Caller`].
 
+mod accounts;
 mod audit;
 mod repositories;
 mod robots;
@@ -190,13 +191,19 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens and audit of a Dockyard registry."),
-    tags((name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"))
+    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"))
 )]
 struct ApiDoc;
 
 /// Every `/api/v1` route, and the OpenAPI document built from them.
 pub fn router(state: Arc<ApiState>) -> Router {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(accounts::me))
+        .routes(routes!(accounts::create_user))
+        .routes(routes!(accounts::create_org))
+        .routes(routes!(accounts::set_member))
+        .routes(routes!(accounts::create_team))
+        .routes(routes!(accounts::add_team_member))
         .routes(routes!(repositories::list, repositories::create))
         .routes(routes!(
             repositories::get,
