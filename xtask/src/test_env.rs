@@ -8,7 +8,8 @@
 //!    already answers;
 //! 4. a private PostgreSQL cluster on 127.0.0.1:55432 (trust auth);
 //! 5. `cargo test --workspace` (SQLite + filesystem, real clients included),
-//!    then the registry API tests on PostgreSQL and on S3.
+//!    then the registry API, access-control, token and REST API tests on
+//!    PostgreSQL, and the registry API tests on S3.
 //!
 //! Services are left running; state and logs live under
 //! `/tmp/dockyard-test` (or `DOCKYARD_TEST_STATE_DIR`).
@@ -469,8 +470,17 @@ fn run_tests() -> Result<()> {
             None,
         ),
         (
-            "registry API tests on PostgreSQL",
-            &["test", "--test", "integration", "registry_api"],
+            "registry API, access control, token service and REST API tests on PostgreSQL",
+            &[
+                "test",
+                "--test",
+                "integration",
+                "--",
+                "registry_api",
+                "access",
+                "auth",
+                "api",
+            ],
             Some(("DOCKYARD_TEST_POSTGRES_URL", POSTGRES_URL)),
         ),
         (
