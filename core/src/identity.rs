@@ -656,6 +656,69 @@ impl Identity {
         Ok(())
     }
 
+    /// `who`'s role on a namespace itself: `Admin` for its user, an owner or
+    /// admin of its organization, or a superuser; `Read` for other members
+    /// of the organization; else `None`.
+    pub async fn namespace_role(&self, who: &Principal, ns_name: &str) -> Result<Option<Role>> {
+        let Principal::User { id, superuser, .. } = who else {
+            return Ok(None);
+        };
+        if *superuser {
+            return Ok(Some(Role::Admin));
+        }
+        let Some((ns_id, kind)) = self.namespace(ns_name).await? else {
+            return Ok(None);
+        };
+        if kind == "user" {
+            let own = sqlx::query("SELECT 1 FROM users WHERE id = $1 AND namespace_id = $2")
+                .bind(id)
+                .bind(ns_id)
+                .fetch_optional(&self.db.read)
+                .await?;
+            return Ok(own.map(|_| Role::Admin));
+        }
+        let row =
+            sqlx::query("SELECT role FROM org_members WHERE namespace_id = $1 AND user_id = $2")
+                .bind(ns_id)
+                .bind(id)
+                .fetch_optional(&self.db.read)
+                .await?;
+        Ok(match row {
+            Some(r) => match r.try_get::<String, _>(0)?.as_str() {
+                "admin" | "owner" => Some(Role::Admin),
+                _ => Some(Role::Read),
+            },
+            None => None,
+        })
+    }
+
+    /// Whether a push to a missing repository of this namespace creates it
+    /// (namespaces that do not exist, e.g. `library`, only superusers push to).
+    async fn creates_on_push(&self, ns_name: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT create_on_push FROM namespaces WHERE name = $1")
+            .bind(ns_name)
+            .fetch_optional(&self.db.read)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()?
+            .is_none_or(flag))
+    }
+
+    /// Turns creation on first push on or off for a namespace.
+    pub async fn set_create_on_push(&self, ns_name: &str, on: bool) -> Result<()> {
+        let n = sqlx::query("UPDATE namespaces SET create_on_push = $1 WHERE name = $2")
+            .bind(i64::from(on))
+            .bind(ns_name)
+            .execute(&self.db.write)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(IdentityError::NotFound(format!("namespace {ns_name}")));
+        }
+        Ok(())
+    }
+
     /// What `who` may do to repository `repo` (`namespace/rest`), or `None`.
     /// For a repository that does not exist yet, the answer is whether `who`
     /// may create it by pushing (write on the namespace).
@@ -667,7 +730,6 @@ impl Identity {
             return Ok(Some(Role::Admin));
         }
         let ns_name = repo.split('/').next().unwrap_or(repo);
-        let ns = self.namespace(ns_name).await?;
         let repo_row = sqlx::query("SELECT id, visibility FROM repositories WHERE name = $1")
             .bind(repo)
             .fetch_optional(&self.db.read)
@@ -682,34 +744,14 @@ impl Identity {
                 best = Some(r);
             }
         };
+        if self.namespace_role(who, ns_name).await? == Some(Role::Admin)
+            && (repo_row.is_some() || self.creates_on_push(ns_name).await?)
+        {
+            raise(Role::Admin);
+        }
         match who {
             Principal::Anonymous => {}
             Principal::User { id, .. } => {
-                if let Some((ns_id, kind)) = &ns {
-                    if kind == "user" {
-                        let own =
-                            sqlx::query("SELECT 1 FROM users WHERE id = $1 AND namespace_id = $2")
-                                .bind(id)
-                                .bind(ns_id)
-                                .fetch_optional(&self.db.read)
-                                .await?;
-                        if own.is_some() {
-                            raise(Role::Admin);
-                        }
-                    } else if let Some(r) = sqlx::query(
-                        "SELECT role FROM org_members WHERE namespace_id = $1 AND user_id = $2",
-                    )
-                    .bind(ns_id)
-                    .bind(id)
-                    .fetch_optional(&self.db.read)
-                    .await?
-                    {
-                        let role: String = r.try_get(0)?;
-                        if role == "admin" || role == "owner" {
-                            raise(Role::Admin);
-                        }
-                    }
-                }
                 if let Some(r) = &repo_row {
                     let grants = self
                         .grants(

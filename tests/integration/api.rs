@@ -460,6 +460,14 @@ async fn api_permission_matrix_covers_every_operation() {
             &[200],
         ),
         (
+            "PATCH /api/v1/namespaces/{namespace}",
+            "/api/v1/namespaces/alice".into(),
+            json!({"create_on_push": true}),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
             "POST /api/v1/users",
             "/api/v1/users".into(),
             json!({"username": "newbie", "password": "long-password"}),
@@ -769,4 +777,77 @@ async fn users_organizations_and_teams() {
     .await
     .unwrap();
     api_error(r, 400, "invalid").await;
+}
+
+#[tokio::test]
+async fn create_on_push_can_be_turned_off_per_namespace() {
+    let (app, _id) = setup().await;
+    let push = |repo: &'static str| {
+        let app = &app;
+        async move {
+            let t = fetch_token(
+                app,
+                ALICE,
+                "dockyard",
+                &format!("repository:{repo}:pull,push"),
+            )
+            .await;
+            app.anon
+                .post(app.url(&format!("/v2/{repo}/blobs/uploads/")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(
+        push("alice/first").await,
+        202,
+        "created on first push by default"
+    );
+    let r = as_user(&app, Method::PATCH, "/api/v1/namespaces/alice", ALICE)
+        .json(&json!({ "create_on_push": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        push("alice/second").await,
+        401,
+        "no implicit creation any more"
+    );
+    assert_eq!(
+        push("alice/first").await,
+        202,
+        "existing repositories still take pushes"
+    );
+    // Created explicitly, it takes pushes.
+    let r = as_user(&app, Method::POST, "/api/v1/repositories", ALICE)
+        .json(&json!({ "name": "alice/second" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(push("alice/second").await, 202);
+    api_error(
+        as_user(&app, Method::PATCH, "/api/v1/namespaces/alice", BOB)
+            .json(&json!({ "create_on_push": true }))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    api_error(
+        as_user(&app, Method::PATCH, "/api/v1/namespaces/nobody", ALICE)
+            .json(&json!({ "create_on_push": true }))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
 }

@@ -47,12 +47,7 @@ async fn org_admin(state: &ApiState, who: &Principal, org: &str) -> Result<i64, 
     if kind != "org" {
         return Err(ApiError::not_found("organization"));
     }
-    if state
-        .identity
-        .repository_role(who, &format!("{org}/-org-"))
-        .await?
-        != Some(Role::Admin)
-    {
+    if state.identity.namespace_role(who, org).await? != Some(Role::Admin) {
         return Err(ApiError::forbidden());
     }
     Ok(ns)

@@ -211,6 +211,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             repositories::delete
         ))
         .routes(routes!(repositories::grant))
+        .routes(routes!(robots::update_namespace))
         .routes(routes!(robots::create))
         .routes(routes!(robots::create_token))
         .routes(routes!(tokens::create, tokens::list))

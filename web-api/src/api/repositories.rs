@@ -118,8 +118,10 @@ pub async fn create(
         ));
     }
     check_visibility(body.visibility.as_deref())?;
-    let may = state.identity.repository_role(who, &body.name).await?;
-    if may != Some(Role::Admin) {
+    // Creating through the API needs admin on the namespace, whether or not
+    // pushes create repositories there.
+    let ns = body.name.split('/').next().unwrap_or("");
+    if state.identity.namespace_role(who, ns).await? != Some(Role::Admin) {
         return Err(ApiError::forbidden());
     }
     let repo = state

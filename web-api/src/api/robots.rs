@@ -25,20 +25,53 @@ pub struct CreateToken {
 }
 
 /// Whether `who` administers namespace `ns` (its user, an org owner/admin,
-/// or a superuser): checked as admin on a repository name inside it.
-async fn namespace_admin(state: &ApiState, who: &Principal, ns: &str) -> Result<(), ApiError> {
+/// or a superuser).
+pub(super) async fn namespace_admin(
+    state: &ApiState,
+    who: &Principal,
+    ns: &str,
+) -> Result<(), ApiError> {
     if state.identity.namespace(ns).await?.is_none() {
         return Err(ApiError::not_found("namespace"));
     }
-    let role = state
-        .identity
-        .repository_role(who, &format!("{ns}/-robots-"))
-        .await?;
-    if role == Some(dockyard_core::identity::Role::Admin) {
+    if state.identity.namespace_role(who, ns).await? == Some(dockyard_core::identity::Role::Admin) {
         Ok(())
     } else {
         Err(ApiError::forbidden())
     }
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct UpdateNamespace {
+    /// Whether a push to a missing repository creates it.
+    create_on_push: bool,
+}
+
+/// Namespace settings (namespace admins).
+#[utoipa::path(patch, path = "/api/v1/namespaces/{namespace}", tag = "accounts",
+    params(("namespace" = String, Path)), request_body = UpdateNamespace,
+    responses((status = 200, description = "Updated")))]
+pub async fn update_namespace(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    ClientAddress(addr): ClientAddress,
+    Path(ns): Path<String>,
+    Json(body): Json<UpdateNamespace>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller.required()?;
+    namespace_admin(&state, who, &ns).await?;
+    state
+        .identity
+        .set_create_on_push(&ns, body.create_on_push)
+        .await?;
+    let detail = format!("create_on_push={}", body.create_on_push);
+    state
+        .identity
+        .audit(who, "namespace.changed", &ns, &addr, true, Some(&detail))
+        .await?;
+    Ok(Json(
+        json!({ "namespace": ns, "create_on_push": body.create_on_push }),
+    ))
 }
 
 pub(super) fn expiry(days: Option<u32>) -> Option<i64> {

@@ -97,10 +97,7 @@ pub async fn revoke(
         (Principal::User { id: me, .. }, Some(o), _) => *me == o,
         (p, None, Some(r)) => {
             let ns = r.split('+').next().unwrap_or("");
-            state
-                .identity
-                .repository_role(p, &format!("{ns}/-robots-"))
-                .await?
+            state.identity.namespace_role(p, ns).await?
                 == Some(dockyard_core::identity::Role::Admin)
         }
         _ => false,
