@@ -460,6 +460,22 @@ async fn api_permission_matrix_covers_every_operation() {
             &[200],
         ),
         (
+            "POST /api/v1/session",
+            "/api/v1/session".into(),
+            json!({"username": "bob", "password": "bob-password"}),
+            201,
+            &[201],
+            &[201],
+        ),
+        (
+            "DELETE /api/v1/session",
+            "/api/v1/session".into(),
+            json!(null),
+            204,
+            &[204],
+            &[204],
+        ),
+        (
             "PATCH /api/v1/namespaces/{namespace}",
             "/api/v1/namespaces/alice".into(),
             json!({"create_on_push": true}),
@@ -850,4 +866,68 @@ async fn create_on_push_can_be_turned_off_per_namespace() {
         "not_found",
     )
     .await;
+}
+
+#[tokio::test]
+async fn browser_sessions_by_cookie() {
+    let (app, _id) = setup().await;
+    let r = app
+        .anon
+        .post(app.url("/api/v1/session"))
+        .json(&json!({ "username": "bob", "password": "wrong" }))
+        .send()
+        .await
+        .unwrap();
+    api_error(r, 401, "unauthorized").await;
+    let r = app
+        .anon
+        .post(app.url("/api/v1/session"))
+        .json(&json!({ "username": "bob", "password": "bob-password" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let set = header(&r, "set-cookie").unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(attr), "{attr} missing: {set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_string();
+    let me = |cookie: String| {
+        app.anon
+            .get(app.url("/api/v1/user"))
+            .header("cookie", cookie)
+            .send()
+    };
+    let r = me(cookie.clone()).await.unwrap();
+    let text = r.text().await.unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{cookie}: {text}"));
+    assert_eq!(v["name"], "bob");
+    // A crafted cookie with a known token id but no secret cannot log anyone out.
+    let id = cookie.split('_').nth(1).unwrap();
+    let forged = format!("dockyard_session=dyp_{id}_{}", "A".repeat(43));
+    api_error(me(forged.clone()).await.unwrap(), 401, "unauthorized").await;
+    let r = app
+        .anon
+        .delete(app.url("/api/v1/session"))
+        .header("cookie", forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        me(cookie.clone()).await.unwrap().status(),
+        200,
+        "still signed in"
+    );
+    // Logging out revokes the session and clears the cookie.
+    let r = app
+        .anon
+        .delete(app.url("/api/v1/session"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(header(&r, "set-cookie").unwrap().contains("Max-Age=0"));
+    api_error(me(cookie).await.unwrap(), 401, "unauthorized").await;
 }

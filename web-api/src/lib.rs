@@ -204,6 +204,7 @@ pub async fn serve(
     ));
     let api = Arc::new(api::ApiState {
         identity: identity.clone(),
+        tls: config.tls.cert.is_some(),
     });
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));

@@ -1,7 +1,7 @@
 //! The REST API, `/api/v1`: JSON in and out, one error shape
 //! (`{"error": {"code", "message"}}`), authentication by bearer token
-//! (a personal or robot token), basic auth, or (later, for the UI) a session
-//! cookie. The OpenAPI document is generated from the handlers and served at
+//! (a personal or robot token), basic auth, or a session cookie (for the
+//! UI; `POST /api/v1/session`). The OpenAPI document is generated from the handlers and served at
 //! `/api/v1/openapi.json`.
 //!
 //! Every route is in the flat list in [`router`]; each handler checks the
@@ -11,6 +11,7 @@ mod accounts;
 mod audit;
 mod repositories;
 mod robots;
+mod session;
 mod tokens;
 
 use std::sync::Arc;
@@ -30,6 +31,8 @@ use utoipa_axum::routes;
 pub struct ApiState {
     /// Accounts, repositories' access data, audit.
     pub identity: Identity,
+    /// Served over TLS (session cookies are then `Secure`).
+    pub tls: bool,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -48,7 +51,7 @@ impl ApiError {
             message: message.into(),
         }
     }
-    fn unauthorized() -> Self {
+    pub(crate) fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -135,7 +138,14 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
         else {
-            return Ok(Caller(Principal::Anonymous));
+            // A browser session, else nobody.
+            let Some(token) = session::from_cookie(&parts.headers) else {
+                return Ok(Caller(Principal::Anonymous));
+            };
+            return match state.identity.authenticate_token(&token, None).await? {
+                Some((p, TokenKind::Personal)) => Ok(Caller(p)),
+                _ => Err(ApiError::unauthorized()),
+            };
         };
         let address = parts
             .extensions
@@ -198,6 +208,7 @@ struct ApiDoc;
 /// Every `/api/v1` route, and the OpenAPI document built from them.
 pub fn router(state: Arc<ApiState>) -> Router {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(session::login, session::logout))
         .routes(routes!(accounts::me))
         .routes(routes!(accounts::create_user))
         .routes(routes!(accounts::create_org))
