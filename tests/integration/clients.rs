@@ -1187,6 +1187,30 @@ async fn robots_and_anonymous_pulls_with_skopeo_and_podman() {
     .await;
     let authfile = tmp.path().join("auth.json");
     let (user, secret) = reader.split_once(':').unwrap();
+    // `podman login` stores the robot's token; a pull then needs no flags.
+    let podman_auth = tmp.path().join("podman-auth.json");
+    let addr = app.addr.to_string();
+    s.podman(&[
+        "login",
+        "--tls-verify=false",
+        "--authfile",
+        path_str(&podman_auth),
+        "--username",
+        user,
+        "--password",
+        secret,
+        &addr,
+    ])
+    .await;
+    let b = Storage::new();
+    b.podman(&[
+        "pull",
+        "--tls-verify=false",
+        "--authfile",
+        path_str(&podman_auth),
+        &format!("{}/{repo}:v1", app.addr),
+    ])
+    .await;
     run(
         "skopeo",
         [
