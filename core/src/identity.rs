@@ -847,6 +847,69 @@ impl Identity {
         Ok(())
     }
 
+    /// Robots of a namespace: (full name, created_at).
+    pub async fn robots(&self, ns_name: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT r.name, r.created_at FROM robots r JOIN namespaces n ON n.id = r.namespace_id \
+             WHERE n.name = $1 ORDER BY r.name",
+        )
+        .bind(ns_name)
+        .fetch_all(&self.db.read)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    format!("{ns_name}+{}", r.try_get::<String, _>(0)?),
+                    r.try_get(1)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Deletes a robot with its tokens and permissions.
+    pub async fn delete_robot(&self, robot_id: i64) -> Result<()> {
+        let mut tx = self.db.write.begin().await?;
+        for q in [
+            "DELETE FROM tokens WHERE robot_id = $1",
+            "DELETE FROM repository_permissions WHERE subject_kind = 'robot' AND subject_id = $1",
+            "DELETE FROM robots WHERE id = $1",
+        ] {
+            sqlx::query(q).bind(robot_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes a grant; false if there was none.
+    pub async fn revoke_grant(
+        &self,
+        repository_id: i64,
+        subject_kind: &str,
+        subject_id: i64,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "DELETE FROM repository_permissions WHERE repository_id = $1 AND subject_kind = $2 AND subject_id = $3",
+        )
+        .bind(repository_id)
+        .bind(subject_kind)
+        .bind(subject_id)
+        .execute(&self.db.write)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// All users: (name, superuser, created_at), by name.
+    pub async fn users(&self) -> Result<Vec<(String, bool, i64)>> {
+        let rows =
+            sqlx::query("SELECT username, superuser, created_at FROM users ORDER BY username")
+                .fetch_all(&self.db.read)
+                .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, flag(r.try_get(1)?), r.try_get(2)?)))
+            .collect()
+    }
+
     /// A repository's API view.
     pub async fn repository(&self, name: &str) -> Result<Option<RepositoryInfo>> {
         let row = sqlx::query(

@@ -611,13 +611,46 @@ async fn api_permission_matrix_covers_every_operation() {
             &[403],
             &[403],
         ),
+        (
+            "GET /api/v1/users",
+            "/api/v1/users".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/namespaces/{namespace}/robots",
+            "/api/v1/namespaces/alice/robots".into(),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
+            "DELETE /api/v1/namespaces/{namespace}/robots/{robot}",
+            "/api/v1/namespaces/alice/robots/other".into(),
+            json!(null),
+            401,
+            &[403],
+            &[204],
+        ),
         // Bob was granted read by the permissions row above: 403, not 404.
+        (
+            "DELETE /api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}",
+            "/api/v1/repositories/alice/app/permissions/user/bob".into(),
+            json!(null),
+            401,
+            &[403],
+            &[204],
+        ),
+        // ...and has lost it again: the repository is hidden from him.
         (
             "DELETE /api/v1/repositories/{namespace}/{name}",
             "/api/v1/repositories/alice/app".into(),
             json!(null),
             401,
-            &[403],
+            &[404],
             &[204],
         ),
     ];
@@ -627,6 +660,78 @@ async fn api_permission_matrix_covers_every_operation() {
         "an API operation is missing from the permission matrix"
     );
     let mut failures = vec![];
+    // Invalid credentials are refused on every operation that takes a
+    // caller (signing in and out take none).
+    let id = Identity::new(
+        dockyard_core::Db::connect(&app.config.database_url(), 2)
+            .await
+            .unwrap(),
+    );
+    let bob_id = match id.login("bob", "bob-password").await.unwrap().unwrap() {
+        dockyard_core::identity::Principal::User { id, .. } => id,
+        p => panic!("{p:?}"),
+    };
+    let (revoked_id, revoked) = id
+        .create_token(
+            dockyard_core::identity::TokenKind::Personal,
+            Some(bob_id),
+            None,
+            "r",
+            None,
+        )
+        .await
+        .unwrap();
+    id.revoke_token(&revoked_id).await.unwrap();
+    let (_, expired) = id
+        .create_token(
+            dockyard_core::identity::TokenKind::Personal,
+            Some(bob_id),
+            None,
+            "e",
+            Some(dockyard_core::now_millis() - 1),
+        )
+        .await
+        .unwrap();
+    let (_, refresh) = id
+        .create_token(
+            dockyard_core::identity::TokenKind::Refresh,
+            Some(bob_id),
+            None,
+            "f",
+            None,
+        )
+        .await
+        .unwrap();
+    let registry_jwt = fetch_token(&app, BOB, "dockyard", "repository:bob/x:pull").await;
+    let invalid = [
+        ("revoked token", revoked),
+        ("expired token", expired),
+        ("refresh token as bearer", refresh),
+        ("registry JWT as bearer", registry_jwt),
+        (
+            "garbage bearer",
+            "dyp_aaaaaaaaaaaaaaaa_".to_string() + &"b".repeat(43),
+        ),
+    ];
+    for (op, path, body, _, _, _) in &table {
+        if op.contains("/api/v1/session") {
+            continue;
+        }
+        let method: Method = op.split(' ').next().unwrap().parse().unwrap();
+        for (who, bearer) in &invalid {
+            let mut req = app
+                .anon
+                .request(method.clone(), app.url(path))
+                .bearer_auth(bearer);
+            if !body.is_null() {
+                req = req.json(body);
+            }
+            let status = req.send().await.unwrap().status();
+            if status != 401 {
+                failures.push(format!("{who}: {op} -> {status}, expected 401"));
+            }
+        }
+    }
     for (op, path, body, anon, bob, alice) in &table {
         let method: Method = op.split(' ').next().unwrap().parse().unwrap();
         for (who, creds, expected) in [
@@ -930,4 +1035,125 @@ async fn browser_sessions_by_cookie() {
     assert_eq!(r.status(), 204);
     assert!(header(&r, "set-cookie").unwrap().contains("Max-Age=0"));
     api_error(me(cookie).await.unwrap(), 401, "unauthorized").await;
+}
+
+#[tokio::test]
+async fn deleting_robots_and_grants_removes_access() {
+    let (app, _id) = setup().await;
+    as_user(&app, Method::POST, "/api/v1/repositories", ALICE)
+        .json(&json!({ "name": "alice/app" }))
+        .send()
+        .await
+        .unwrap();
+    let robot: Value = as_user(&app, Method::POST, "/api/v1/namespaces/alice/robots", ALICE)
+        .json(&json!({ "name": "bot" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = robot["token"].as_str().unwrap().to_string();
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/repositories/alice/app/permissions/robot/alice+bot",
+        ALICE,
+    )
+    .json(&json!({ "role": "read" }))
+    .send()
+    .await
+    .unwrap();
+    as_user(
+        &app,
+        Method::PUT,
+        "/api/v1/repositories/alice/app/permissions/user/bob",
+        ALICE,
+    )
+    .json(&json!({ "role": "read" }))
+    .send()
+    .await
+    .unwrap();
+    let pull = |u: &'static str, p: String| {
+        app.anon
+            .get(app.url("/v2/alice/app/tags/list"))
+            .basic_auth(u, Some(p))
+            .send()
+    };
+    assert_eq!(
+        pull("alice+bot", secret.clone()).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        pull("bob", "bob-password".into()).await.unwrap().status(),
+        200
+    );
+    let v: Value = as_user(&app, Method::GET, "/api/v1/namespaces/alice/robots", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["robots"][0]["name"], "alice+bot");
+    // Removing bob's grant and the robot takes their access away at once.
+    let r = as_user(
+        &app,
+        Method::DELETE,
+        "/api/v1/repositories/alice/app/permissions/user/bob",
+        ALICE,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    api_error(
+        as_user(
+            &app,
+            Method::DELETE,
+            "/api/v1/repositories/alice/app/permissions/user/bob",
+            ALICE,
+        )
+        .send()
+        .await
+        .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        pull("bob", "bob-password".into()).await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        as_user(
+            &app,
+            Method::DELETE,
+            "/api/v1/namespaces/alice/robots/bot",
+            ALICE
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        204
+    );
+    assert_eq!(pull("alice+bot", secret).await.unwrap().status(), 401);
+    let v: Value = as_user(&app, Method::GET, "/api/v1/namespaces/alice/robots", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["robots"], json!([]));
+    // Superusers list users.
+    let v: Value = app.get("/api/v1/users").await.json().await.unwrap();
+    let names: Vec<&str> = v["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin", "alice", "bob"]);
 }

@@ -226,3 +226,28 @@ pub async fn add_team_member(
         json!({ "organization": org, "team": team, "user": user }),
     ))
 }
+
+/// All users (superusers).
+#[utoipa::path(get, path = "/api/v1/users", tag = "accounts", responses((status = 200, description = "Users")))]
+pub async fn list_users(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    if !matches!(
+        caller.required()?,
+        Principal::User {
+            superuser: true,
+            ..
+        }
+    ) {
+        return Err(ApiError::forbidden());
+    }
+    let users: Vec<Value> = state
+        .identity
+        .users()
+        .await?
+        .into_iter()
+        .map(|(name, superuser, created_at)| json!({ "name": name, "superuser": superuser, "created_at": created_at }))
+        .collect();
+    Ok(Json(json!({ "users": users })))
+}

@@ -210,7 +210,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(session::login, session::logout))
         .routes(routes!(accounts::me))
-        .routes(routes!(accounts::create_user))
+        .routes(routes!(accounts::create_user, accounts::list_users))
         .routes(routes!(accounts::create_org))
         .routes(routes!(accounts::set_member))
         .routes(routes!(accounts::create_team))
@@ -221,9 +221,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             repositories::update,
             repositories::delete
         ))
-        .routes(routes!(repositories::grant))
+        .routes(routes!(repositories::grant, repositories::revoke))
         .routes(routes!(robots::update_namespace))
-        .routes(routes!(robots::create))
+        .routes(routes!(robots::create, robots::list))
+        .routes(routes!(robots::delete))
         .routes(routes!(robots::create_token))
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))

@@ -218,6 +218,49 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The subject id of a `user`, `robot` or `team` (by id) path segment.
+async fn subject_id(state: &ApiState, kind: &str, subject: &str) -> Result<i64, ApiError> {
+    match kind {
+        "user" | "robot" => match state.identity.principal_by_name(subject).await? {
+            Some(Principal::User { id, .. }) if kind == "user" => Ok(id),
+            Some(Principal::Robot { id, .. }) if kind == "robot" => Ok(id),
+            _ => Err(ApiError::not_found(kind)),
+        },
+        "team" => subject
+            .parse()
+            .map_err(|_| ApiError::invalid("a team is named by its id")),
+        _ => Err(ApiError::invalid("kind must be user, robot or team")),
+    }
+}
+
+/// Removes a grant from the repository (admin needed).
+#[utoipa::path(delete, path = "/api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}", tag = "repositories",
+    params(("namespace" = String, Path), ("name" = String, Path), ("kind" = String, Path), ("subject" = String, Path)),
+    responses((status = 204, description = "Removed"), (status = 404, description = "No such grant")))]
+pub async fn revoke(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    ClientAddress(addr): ClientAddress,
+    Path((ns, name, kind, subject)): Path<(String, String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let who = caller.required()?;
+    let full = format!("{ns}/{name}");
+    let (role, repo) = role(&state, who, &full).await?;
+    if role != Role::Admin {
+        return Err(ApiError::forbidden());
+    }
+    let id = subject_id(&state, &kind, &subject).await?;
+    if !state.identity.revoke_grant(repo.id, &kind, id).await? {
+        return Err(ApiError::not_found("grant"));
+    }
+    let detail = format!("{kind} {subject}: removed");
+    state
+        .identity
+        .audit(who, "permission.changed", &full, &addr, true, Some(&detail))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Grants a user, team or robot a role on the repository (admin needed).
 /// `subject` is a user name, a robot's `namespace+name`, or a team's id.
 #[utoipa::path(put, path = "/api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}", tag = "repositories",
@@ -238,17 +281,7 @@ pub async fn grant(
     }
     let granted = Role::parse(&body.role)
         .ok_or_else(|| ApiError::invalid("role must be read, write or admin"))?;
-    let subject_id = match kind.as_str() {
-        "user" | "robot" => match state.identity.principal_by_name(&subject).await? {
-            Some(Principal::User { id, .. }) if kind == "user" => id,
-            Some(Principal::Robot { id, .. }) if kind == "robot" => id,
-            _ => return Err(ApiError::not_found(&kind)),
-        },
-        "team" => subject
-            .parse()
-            .map_err(|_| ApiError::invalid("a team is named by its id"))?,
-        _ => return Err(ApiError::invalid("kind must be user, robot or team")),
-    };
+    let subject_id = subject_id(&state, &kind, &subject).await?;
     state
         .identity
         .grant(repo.id, &kind, subject_id, granted)

@@ -143,3 +143,47 @@ pub async fn create_token(
         Json(json!({ "name": full, "token_id": token_id, "token": token })),
     ))
 }
+
+/// The robots of a namespace (namespace admins).
+#[utoipa::path(get, path = "/api/v1/namespaces/{namespace}/robots", tag = "robots",
+    params(("namespace" = String, Path)), responses((status = 200, description = "Robots")))]
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    Path(ns): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller.required()?;
+    namespace_admin(&state, who, &ns).await?;
+    let robots: Vec<Value> = state
+        .identity
+        .robots(&ns)
+        .await?
+        .into_iter()
+        .map(|(name, created_at)| json!({ "name": name, "created_at": created_at }))
+        .collect();
+    Ok(Json(json!({ "robots": robots })))
+}
+
+/// Deletes a robot, its tokens and its permissions (namespace admins).
+#[utoipa::path(delete, path = "/api/v1/namespaces/{namespace}/robots/{robot}", tag = "robots",
+    params(("namespace" = String, Path), ("robot" = String, Path)),
+    responses((status = 204, description = "Deleted")))]
+pub async fn delete(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    ClientAddress(addr): ClientAddress,
+    Path((ns, robot)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let who = caller.required()?;
+    namespace_admin(&state, who, &ns).await?;
+    let full = format!("{ns}+{robot}");
+    let Some(Principal::Robot { id, .. }) = state.identity.principal_by_name(&full).await? else {
+        return Err(ApiError::not_found("robot"));
+    };
+    state.identity.delete_robot(id).await?;
+    state
+        .identity
+        .audit(who, "robot.deleted", &full, &addr, true, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
