@@ -194,4 +194,45 @@ async fn notary_server_accepts_dockyard_tokens() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
+
+    // The notary CLI reads anonymously: once the repository is public, an
+    // anonymous token for the notary service reads its trust data.
+    app.push_blob("team/app", b"make the repository exist")
+        .await;
+    let id = dockyard_core::identity::Identity::new(
+        dockyard_core::Db::connect(&app.config.database_url(), 2)
+            .await
+            .unwrap(),
+    );
+    id.update_repository("team/app", Some("public"), None)
+        .await
+        .unwrap();
+    let anon = fetch_token(
+        &app,
+        None,
+        "dockyard-notary",
+        &format!("repository:{gun}:pull"),
+    )
+    .await;
+    let r = client.get(&url).bearer_auth(&anon).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "anonymous read of a public repository"
+    );
+    // ...but cannot publish.
+    let anon = fetch_token(
+        &app,
+        None,
+        "dockyard-notary",
+        &format!("repository:{gun}:pull,push"),
+    )
+    .await;
+    let r = client
+        .post(format!("http://127.0.0.1:{port}/v2/{gun}/_trust/tuf/"))
+        .bearer_auth(&anon)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
