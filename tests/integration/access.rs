@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use dockyard_core::identity::{Identity, Role, TokenKind};
+use dockyard_core::identity::{Role, TokenKind};
 use dockyard_oci::{Digest, Route};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
@@ -41,11 +41,7 @@ enum Level {
 #[tokio::test]
 async fn permission_matrix_covers_every_route() {
     let app = TestApp::start_with(|c| c.auth.token_ttl = std::time::Duration::from_secs(30)).await;
-    let id = Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     let owner = id
         .create_user("owner", Some("owner-password"), false)
         .await
@@ -409,11 +405,7 @@ impl PartialOrd for Level {
 #[tokio::test]
 async fn docker_token_flow_and_catalog_filtering() {
     let app = TestApp::start().await;
-    let id = Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     id.create_user("alice", Some("alice-password"), false)
         .await
         .unwrap();
@@ -614,11 +606,7 @@ async fn pushes_and_deletes_are_audited() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let id = Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     let rows = sqlx::query("SELECT actor, action, target, address FROM audit_log WHERE action IN ('push', 'delete') ORDER BY id")
         .fetch_all(&id.db.read)
         .await

@@ -12,11 +12,7 @@ use crate::harness::*;
 
 async fn setup() -> (TestApp, Identity) {
     let app = TestApp::start().await;
-    let id = Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     id.create_user("alice", Some("alice-password"), false)
         .await
         .unwrap();
@@ -662,11 +658,7 @@ async fn api_permission_matrix_covers_every_operation() {
     let mut failures = vec![];
     // Invalid credentials are refused on every operation that takes a
     // caller (signing in and out take none).
-    let id = Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     let bob_id = match id.login("bob", "bob-password").await.unwrap().unwrap() {
         dockyard_core::identity::Principal::User { id, .. } => id,
         p => panic!("{p:?}"),

@@ -2,7 +2,7 @@
 //! token format, and how failures answer.
 
 use base64::Engine as _;
-use dockyard_core::identity::{Identity, Role, TokenKind};
+use dockyard_core::identity::{Role, TokenKind};
 use dockyard_core::token::TokenKeys;
 use reqwest::Method;
 use serde_json::Value;
@@ -11,14 +11,6 @@ use crate::harness::*;
 
 async fn app() -> TestApp {
     TestApp::start().await
-}
-
-async fn identity(app: &TestApp) -> Identity {
-    Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    )
 }
 
 fn claims(token: &str) -> Value {
@@ -110,7 +102,7 @@ async fn password_login_issues_scoped_verifiable_tokens() {
         .await
         .unwrap();
     assert_error(r, 401, "UNAUTHORIZED").await;
-    let id = identity(&app).await;
+    let id = app.identity().await;
     let failures: i64 = sqlx::Row::try_get(
         &sqlx::query("SELECT COUNT(*) FROM audit_log WHERE action = 'login' AND success = 0")
             .fetch_one(&id.db.read)
@@ -138,7 +130,7 @@ async fn password_login_issues_scoped_verifiable_tokens() {
 #[tokio::test]
 async fn grants_follow_permissions() {
     let app = app().await;
-    let id = identity(&app).await;
+    let id = app.identity().await;
     let alice = id
         .create_user("alice", Some("alice-password"), false)
         .await
@@ -329,7 +321,7 @@ async fn notary_service_and_oauth2_form() {
 #[tokio::test]
 async fn failed_logins_are_rate_limited() {
     let app = app().await;
-    let id = identity(&app).await;
+    let id = app.identity().await;
     id.create_user("carol", Some("carol-password"), false)
         .await
         .unwrap();

@@ -1083,11 +1083,7 @@ async fn robots_and_anonymous_pulls_with_skopeo_and_podman() {
     require("skopeo", "skopeo");
     require("podman", "podman");
     let app = TestApp::start().await;
-    let id = dockyard_core::identity::Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     let admin_id = match id.login(ADMIN.0, ADMIN.1).await.unwrap().unwrap() {
         dockyard_core::identity::Principal::User { id, .. } => id,
         p => panic!("{p:?}"),

@@ -146,6 +146,15 @@ impl TestApp {
         self.req(Method::GET, path).send().await.unwrap()
     }
 
+    /// The server's identity store (accounts, grants, audit), opened on the
+    /// same database, for setting up and checking what the API cannot.
+    pub async fn identity(&self) -> dockyard_core::identity::Identity {
+        let db = dockyard_core::Db::connect(&self.config.database_url(), 2)
+            .await
+            .expect("open the test database");
+        dockyard_core::identity::Identity::new(db)
+    }
+
     pub fn storage_path(&self) -> PathBuf {
         self.config.storage_path()
     }

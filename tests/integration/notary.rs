@@ -199,11 +199,7 @@ async fn notary_server_accepts_dockyard_tokens() {
     // anonymous token for the notary service reads its trust data.
     app.push_blob("team/app", b"make the repository exist")
         .await;
-    let id = dockyard_core::identity::Identity::new(
-        dockyard_core::Db::connect(&app.config.database_url(), 2)
-            .await
-            .unwrap(),
-    );
+    let id = app.identity().await;
     id.update_repository("team/app", Some("public"), None)
         .await
         .unwrap();

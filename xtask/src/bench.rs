@@ -150,9 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn build_dockyard() -> Result<PathBuf> {
     progress!("building dockyard (cargo build --release -p dockyard)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
+    let root = &crate::workspace_root()?;
     let out = Command::new(cargo)
         .current_dir(root)
         .args([

@@ -28,3 +28,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(a) => bench::run(a),
     }
 }
+
+/// The workspace root. Taken from `CARGO_MANIFEST_DIR` as cargo sets it when
+/// it runs this binary, not as it was at compile time: a target directory
+/// shared between checkouts (CI's cache) may hold a binary built in another
+/// checkout.
+pub(crate) fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    Ok(manifest
+        .parent()
+        .context("workspace root of the xtask crate")?
+        .to_path_buf())
+}

@@ -448,10 +448,7 @@ fn start_postgres(state: &Path) -> Result<()> {
 // 5. the tests
 
 fn run_tests() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
+    let root = crate::workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| {
         let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
