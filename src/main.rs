@@ -66,11 +66,85 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Administration: users, token keys.
+    /// Administration: users, token keys, executor node tokens.
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Run a build node: register with the build manager, pull jobs, build
+    /// them with the local engine, push the results.
+    Executor(ExecutorArgs),
+    /// Build a local directory on the server's executors and stream the logs
+    /// (like `docker build`, but remote).
+    Build(BuildArgs),
+    /// Save the server URL and credentials for `dockyard build`.
+    Login {
+        /// The server, e.g. https://registry.example.com.
+        url: String,
+        /// User (or robot) name.
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password or token from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ExecutorArgs {
+    /// The build manager: the Dockyard server's base URL.
+    #[arg(long, value_name = "URL", env = "DOCKYARD_MANAGER")]
+    manager: String,
+    /// Node token (`dockyard admin executor-token create NAME`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "DOCKYARD_EXECUTOR_TOKEN",
+        hide_env_values = true
+    )]
+    token: String,
+    /// Platforms this node builds, comma-separated (default: the host's).
+    #[arg(long, value_delimiter = ',', value_name = "PLATFORMS")]
+    platforms: Vec<String>,
+    /// Build engine.
+    #[arg(long, default_value = "docker", value_parser = ["docker"])]
+    engine: String,
+    /// Jobs run at once.
+    #[arg(long, default_value_t = 1)]
+    capacity: u32,
+    /// Name shown in the API (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where sources are checked out.
+    #[arg(long, value_name = "DIR", env = "DOCKYARD_EXECUTOR_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// Dockerfile, relative to DIR.
+    #[arg(long, short = 'f', default_value = "Dockerfile")]
+    file: String,
+    /// Build argument KEY=VALUE (repeatable).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// Stage to build.
+    #[arg(long)]
+    target: Option<String>,
+    /// Platforms, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "linux/amd64")]
+    platform: Vec<String>,
+    /// Image name namespace/name[:tag] (repeatable, one repository).
+    #[arg(long, short = 't', required = true)]
+    tag: Vec<String>,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// The build context.
+    dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +168,33 @@ enum AdminCommand {
     /// Add a new token signing key; tokens signed by older keys stay valid
     /// until they expire.
     RotateTokenKey {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Node tokens of build executors.
+    ExecutorToken {
+        #[command(subcommand)]
+        command: ExecutorTokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ExecutorTokenCommand {
+    /// Create a node token and print it (shown once).
+    Create {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A name for the node.
+        name: String,
+    },
+    /// Revoke node tokens by id or name; their jobs go to other executors.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArgs,
+        id_or_name: String,
+    },
+    /// List node tokens.
+    List {
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -221,6 +322,34 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Admin { command } => admin(command).await?,
+        Command::Executor(args) => executor(args).await?,
+        Command::Build(args) => {
+            let code = build(args).await?;
+            std::process::exit(code);
+        }
+        Command::Login {
+            url,
+            username,
+            password_stdin,
+        } => {
+            let password = if password_stdin {
+                let mut p = String::new();
+                std::io::stdin().read_line(&mut p)?;
+                p.trim_end_matches(['\r', '\n']).to_string()
+            } else {
+                std::env::var("DOCKYARD_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!("give the password with --password-stdin or DOCKYARD_PASSWORD")
+                })?
+            };
+            let path = dockyard_builders::cli::Credentials {
+                url: url.trim_end_matches('/').to_string(),
+                username,
+                password,
+            }
+            .login()
+            .await?;
+            println!("login succeeded; credentials saved in {}", path.display());
+        }
         Command::Migrate { config } => {
             let config =
                 load(&config, None).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
@@ -269,6 +398,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             )?;
             print!("{}", keys.certificates_pem());
         }
+        AdminCommand::ExecutorToken { command } => executor_tokens(command).await?,
         AdminCommand::RotateTokenKey { config } => {
             let config = load(&config, None).map_err(invalid)?;
             let keys =
@@ -280,6 +410,157 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn build_manager(config: &Config) -> anyhow::Result<dockyard_buildmanager::BuildManager> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let db = dockyard_core::Db::connect(&config.database_url(), 2).await?;
+    let registry = std::sync::Arc::new(dockyard_registry::Registry::open_with(db.clone(), config)?);
+    let keys = std::sync::Arc::new(dockyard_core::token::TokenKeys::load_or_create(
+        &config.keys_dir(),
+        &config.auth.issuer,
+    )?);
+    Ok(dockyard_buildmanager::BuildManager::new(
+        db.clone(),
+        dockyard_core::identity::Identity::new(db),
+        keys,
+        registry.clone(),
+        registry.storage.object_store(),
+        dockyard_buildmanager::Settings::from_config(config, config.listen),
+    ))
+}
+
+async fn executor_tokens(command: ExecutorTokenCommand) -> anyhow::Result<()> {
+    let invalid =
+        |e: dockyard_core::config::ConfigError| anyhow::anyhow!("invalid configuration:\n{e}");
+    match command {
+        ExecutorTokenCommand::Create { config, name } => {
+            let config = load(&config, None).map_err(invalid)?;
+            let m = build_manager(&config).await?;
+            let (info, token) = m.create_node_token(&name, "admin-cli").await?;
+            eprintln!(
+                "created node token {} ({}); it is shown once:",
+                info.id, info.name
+            );
+            println!("{token}");
+        }
+        ExecutorTokenCommand::Revoke { config, id_or_name } => {
+            let config = load(&config, None).map_err(invalid)?;
+            let m = build_manager(&config).await?;
+            let n = m.revoke_node_token(&id_or_name).await?;
+            println!("revoked {n} node token(s)");
+        }
+        ExecutorTokenCommand::List { config } => {
+            let config = load(&config, None).map_err(invalid)?;
+            let m = build_manager(&config).await?;
+            for t in m.node_tokens().await? {
+                println!(
+                    "{}\t{}\t{}",
+                    t.id,
+                    t.name,
+                    if t.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOCKYARD_LOG_LEVEL")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let platforms = args
+        .platforms
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse())
+        .collect::<Result<Vec<dockyard_oci::build::Platform>, _>>()?;
+    let engine = dockyard_builders::engine::DockerEngine::connect(None)
+        .await
+        .context("cannot reach the Docker engine (is dockerd running? DOCKER_HOST?)")?;
+    let name = args.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "executor".into())
+    });
+    let work_dir = args
+        .work_dir
+        .unwrap_or_else(|| std::env::temp_dir().join("dockyard-executor"));
+    let config = dockyard_builders::AgentConfig {
+        manager: args.manager.trim_end_matches('/').to_string(),
+        token: args.token,
+        name,
+        platforms,
+        capacity: args.capacity,
+        engine: std::sync::Arc::new(engine),
+        work_dir,
+        poll_wait: Duration::from_secs(25),
+        drain_timeout: Duration::from_secs(10),
+        http: None,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        s.cancel();
+    });
+    dockyard_builders::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// `dockyard build`: the process exit code (0 when the build completed).
+async fn build(args: BuildArgs) -> anyhow::Result<i32> {
+    use std::io::IsTerminal;
+    let creds = dockyard_builders::cli::Credentials::find()?;
+    let mut build_args = std::collections::BTreeMap::new();
+    for a in &args.build_args {
+        let (k, v) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            // `--build-arg NAME` takes the value from the environment.
+            None => (a.clone(), std::env::var(a).unwrap_or_default()),
+        };
+        build_args.insert(k, v);
+    }
+    let cmd = dockyard_builders::cli::BuildCommand {
+        context: args.dir,
+        dockerfile: args.file,
+        build_args,
+        target: args.target,
+        platforms: args.platform,
+        tags: args.tag,
+        quiet: args.quiet || !std::io::stderr().is_terminal(),
+    };
+    let outcome = dockyard_builders::cli::build(&creds, &cmd).await?;
+    if outcome.status == "complete" {
+        eprintln!(
+            "build {} complete: {}",
+            outcome.build_id,
+            outcome.manifest_digest.as_deref().unwrap_or("")
+        );
+        Ok(0)
+    } else {
+        eprintln!(
+            "build {} {}: {}",
+            outcome.build_id,
+            outcome.status,
+            outcome.error.as_deref().unwrap_or("no error reported")
+        );
+        Ok(1)
+    }
 }
 
 /// Hides the password of a database URL.

@@ -38,6 +38,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Notary server that trusts Dockyard's tokens.
     pub notary: NotaryConfig,
+    /// The build manager and the in-process executor.
+    pub builds: BuildsConfig,
     /// `user:password` of a superuser to create at start-up if no user of
     /// that name exists (`DOCKYARD_BOOTSTRAP_ADMIN`).
     pub bootstrap_admin: Option<String>,
@@ -85,6 +87,47 @@ impl Default for NotaryConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildsConfig {
+    /// Run an executor inside `dockyard serve` when a Docker engine is
+    /// reachable (`DOCKYARD_BUILDS_LOCAL_EXECUTOR`).
+    pub local_executor: bool,
+    /// Jobs the in-process executor runs at once.
+    pub local_capacity: u32,
+    /// The registry as executors' engines reach it (`host:port`); default
+    /// `127.0.0.1:<listen port>`, right for executors on this machine.
+    pub registry_host: Option<String>,
+    /// Public base URL of this server for webhook URLs shown to users
+    /// (default: from each request's `Host`).
+    pub public_url: Option<String>,
+    /// A build running longer is failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A job whose executor is silent this long is given to another one.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How many executors may try a job before the build fails.
+    pub max_attempts: u32,
+    /// Largest uploaded build context.
+    pub max_context_size: u64,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        BuildsConfig {
+            local_executor: true,
+            local_capacity: 2,
+            registry_host: None,
+            public_url: None,
+            timeout: Duration::from_secs(3600),
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            max_context_size: 2 << 30,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -98,6 +141,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             notary: NotaryConfig::default(),
+            builds: BuildsConfig::default(),
             bootstrap_admin: None,
         }
     }
@@ -244,8 +288,8 @@ impl Default for LogConfig {
 
 /// Sections whose keys can be set from the environment as
 /// `DOCKYARD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 8] = [
-    "database", "storage", "tls", "registry", "gc", "log", "auth", "notary",
+const SECTIONS: [&str; 9] = [
+    "database", "storage", "tls", "registry", "gc", "log", "auth", "notary", "builds",
 ];
 const TOP_LEVEL: [&str; 3] = ["listen", "data_dir", "bootstrap_admin"];
 
@@ -348,6 +392,19 @@ impl Config {
         {
             p.push("bootstrap_admin: must be user:password (DOCKYARD_BOOTSTRAP_ADMIN)".into());
         }
+        if self.builds.lease.as_secs() < 5 {
+            p.push("builds.lease: must be at least 5s".into());
+        }
+        if self.builds.max_attempts == 0 {
+            p.push("builds.max_attempts: must be at least 1".into());
+        }
+        if let Some(h) = &self.builds.registry_host
+            && (h.is_empty() || h.contains('/') || h.contains("://"))
+        {
+            p.push(format!(
+                "builds.registry_host: {h:?} must be host:port as build engines reach the registry"
+            ));
+        }
         if self.auth.token_ttl.as_secs() < 30 {
             p.push("auth.token_ttl: must be at least 30s".into());
         }
@@ -429,6 +486,10 @@ mod tests {
             Some("bootstrap_admin")
         );
         assert_eq!(env_key("storage"), None);
+        assert_eq!(
+            env_key("builds_local_executor").as_deref(),
+            Some("builds.local_executor")
+        );
     }
 
     #[test]

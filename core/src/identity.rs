@@ -189,6 +189,31 @@ fn parse_token(token: &str) -> Option<(TokenKind, &str, &str)> {
     (id.len() == 16 && secret.len() == 43).then_some((kind, id, secret))
 }
 
+/// A new opaque token for another crate's credential kind (e.g. executor
+/// node tokens, `dyn_`): the public id, the token to show once, and the hash
+/// to store.
+pub fn mint_opaque(prefix: &str) -> (String, String, String) {
+    let id = random_id(16);
+    let secret = random_secret();
+    let hash = secret_hash(&secret);
+    (id.clone(), format!("{prefix}_{id}_{secret}"), hash)
+}
+
+/// Splits `<prefix>_<id>_<secret>` into id and secret.
+pub fn split_opaque<'a>(token: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let rest = token.strip_prefix(prefix)?.strip_prefix('_')?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && secret.len() == 43).then_some((id, secret))
+}
+
+/// Whether `secret` matches a hash from [`mint_opaque`] (constant time).
+pub fn secret_matches(stored_hash: &str, secret: &str) -> bool {
+    stored_hash
+        .as_bytes()
+        .ct_eq(secret_hash(secret).as_bytes())
+        .into()
+}
+
 /// Whether a secret has the shape of one of our opaque tokens.
 pub fn looks_like_token(secret: &str) -> bool {
     ["dyr_", "dyp_", "dyf_"]

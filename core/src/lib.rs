@@ -9,6 +9,7 @@
 pub mod config;
 pub mod db;
 pub mod identity;
+pub mod images;
 pub mod ratelimit;
 pub mod token;
 

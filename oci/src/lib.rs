@@ -6,6 +6,7 @@
 //! code (executors, signing, mirroring). It must not do I/O: no tokio, no HTTP
 //! framework, no database. Everything here is pure and cheap to test.
 
+pub mod build;
 pub mod digest;
 pub mod error;
 pub mod manifest;

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod error;
 pub mod gc;
+mod images;
 pub mod meta;
 pub mod storage;
 

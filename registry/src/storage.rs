@@ -9,7 +9,9 @@
 //!   file appended to chunk by chunk (as Distribution does);
 //! - upload data, object stores: `dockyard/uploads/<upload id>/<offset, 20
 //!   digits>`, one object per chunk, concatenated on completion;
-//! - scratch files of the filesystem backend: `dockyard/tmp/<uuid>`.
+//! - scratch files of the filesystem backend: `dockyard/tmp/<uuid>`;
+//! - build logs (build manager): `dockyard/builds/<build id>/<job id>.log`;
+//! - uploaded build contexts: `dockyard/build-contexts/<build id>`.
 //!
 //! Writes never expose partial objects: the filesystem backend writes to a
 //! scratch file and renames it into place, the object-store backend uses a
@@ -103,6 +105,12 @@ pub struct Listed {
 }
 
 impl Storage {
+    /// The underlying object store, for other crates' objects under their
+    /// own `dockyard/<crate>/` prefixes (build logs and contexts).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     /// Opens the store the configuration names.
     pub fn from_config(cfg: &StorageConfig, fs_root: PathBuf) -> Result<Storage, StorageError> {
         match cfg.kind {

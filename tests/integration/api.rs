@@ -429,6 +429,53 @@ async fn api_permission_matrix_covers_every_operation() {
         .unwrap();
     assert_eq!(r.status(), 201);
     drop(id);
+    // Build objects of alice/app for the build routes.
+    let created = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let build = created(
+        as_user(
+            &app,
+            Method::POST,
+            "/api/v1/repositories/alice/app/builds/context",
+            ALICE,
+        )
+        .body("not really an archive")
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    let definition = created(
+        as_user(
+            &app,
+            Method::POST,
+            "/api/v1/repositories/alice/app/build-definitions",
+            ALICE,
+        )
+        .json(&json!({"name": "main", "git_url": "https://git.example/app.git"}))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    let trigger = created(
+        as_user(
+            &app,
+            Method::POST,
+            "/api/v1/namespaces/alice/triggers",
+            ALICE,
+        )
+        .json(&json!({"kind": "github"}))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
     let doc: Value = app
         .anon
         .get(app.url("/api/v1/openapi.json"))
@@ -550,6 +597,218 @@ async fn api_permission_matrix_covers_every_operation() {
             401,
             &[404],
             &[200],
+        ),
+        // Builds: the repository's roles decide; who cannot read it does
+        // not learn that it (or its builds) exist.
+        (
+            "GET /api/v1/repositories/{namespace}/{name}/builds",
+            "/api/v1/repositories/alice/app/builds".into(),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/repositories/{namespace}/{name}/builds/context",
+            "/api/v1/repositories/alice/app/builds/context".into(),
+            json!({}),
+            401,
+            &[404],
+            &[201],
+        ),
+        (
+            "GET /api/v1/builds/{id}",
+            format!("/api/v1/builds/{build}"),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "GET /api/v1/builds/{id}/logs",
+            format!("/api/v1/builds/{build}/logs"),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/builds/{id}/cancel",
+            format!("/api/v1/builds/{build}/cancel"),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "GET /api/v1/repositories/{namespace}/{name}/build-definitions",
+            "/api/v1/repositories/alice/app/build-definitions".into(),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/repositories/{namespace}/{name}/build-definitions",
+            "/api/v1/repositories/alice/app/build-definitions".into(),
+            json!({"name": "other", "git_url": "https://git.example/other.git"}),
+            401,
+            &[404],
+            &[201],
+        ),
+        (
+            "GET /api/v1/build-definitions/{id}",
+            format!("/api/v1/build-definitions/{definition}"),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/build-definitions/{id}/run",
+            format!("/api/v1/build-definitions/{definition}/run"),
+            json!({"ref": "main"}),
+            404,
+            &[404],
+            &[201],
+        ),
+        (
+            "DELETE /api/v1/build-definitions/{id}",
+            format!("/api/v1/build-definitions/{definition}"),
+            json!(null),
+            404,
+            &[404],
+            &[204],
+        ),
+        (
+            "POST /api/v1/namespaces/{namespace}/triggers",
+            "/api/v1/namespaces/alice/triggers".into(),
+            json!({"kind": "gitlab"}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "GET /api/v1/namespaces/{namespace}/triggers",
+            "/api/v1/namespaces/alice/triggers".into(),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
+        // A webhook is authenticated by its signature only.
+        (
+            "POST /api/v1/triggers/{id}/webhook",
+            format!("/api/v1/triggers/{trigger}/webhook"),
+            json!({"ref": "refs/heads/main", "after": "0123456789abcdef"}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "GET /api/v1/triggers/{id}/deliveries",
+            format!("/api/v1/triggers/{trigger}/deliveries"),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
+            "DELETE /api/v1/triggers/{id}",
+            format!("/api/v1/triggers/{trigger}"),
+            json!(null),
+            401,
+            &[403],
+            &[204],
+        ),
+        // Executors: superusers only; the protocol takes node tokens only.
+        (
+            "POST /api/v1/executor-tokens",
+            "/api/v1/executor-tokens".into(),
+            json!({"name": "node"}),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/executor-tokens",
+            "/api/v1/executor-tokens".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "DELETE /api/v1/executor-tokens/{id}",
+            "/api/v1/executor-tokens/node".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/executors",
+            "/api/v1/executors".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "POST /api/v1/executor/register",
+            "/api/v1/executor/register".into(),
+            json!({"name": "x", "platforms": ["linux/amd64"], "capacity": 1, "engine": "docker", "version": "1"}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "POST /api/v1/executor/poll",
+            "/api/v1/executor/poll".into(),
+            json!({"executor_id": "x", "wait_seconds": 0}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "POST /api/v1/executor/heartbeat",
+            "/api/v1/executor/heartbeat".into(),
+            json!({"executor_id": "x", "jobs": []}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "POST /api/v1/executor/jobs/{job}/log",
+            "/api/v1/executor/jobs/x/log".into(),
+            json!({"text": "x"}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "POST /api/v1/executor/jobs/{job}/token",
+            "/api/v1/executor/jobs/x/token".into(),
+            json!({"pull": []}),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "GET /api/v1/executor/jobs/{job}/context",
+            "/api/v1/executor/jobs/x/context".into(),
+            json!(null),
+            401,
+            &[401],
+            &[401],
+        ),
+        (
+            "POST /api/v1/executor/jobs/{job}/result",
+            "/api/v1/executor/jobs/x/result".into(),
+            json!({"phase": "complete"}),
+            401,
+            &[401],
+            &[401],
         ),
         (
             "PUT /api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}",

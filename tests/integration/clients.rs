@@ -28,7 +28,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 // helpers: tools and commands
 
 /// Fails the test unless `tool` is on `PATH`, naming the Debian package.
-fn require(tool: &str, package: &str) {
+pub(crate) fn require(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
@@ -40,35 +40,35 @@ fn require(tool: &str, package: &str) {
 }
 
 /// Debian's static busybox, the only binary in the images built here.
-fn busybox() -> Vec<u8> {
+pub(crate) fn busybox() -> Vec<u8> {
     std::fs::read(BUSYBOX).unwrap_or_else(|e| {
         panic!("cannot read {BUSYBOX} ({e}): install the Debian package `busybox-static`")
     })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
 }
 
 /// A repository name no other test (or earlier run) uses.
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     )
 }
 
-fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }
 
 /// Runs `program args…`; panics with the command, status and both outputs
 /// unless it exits 0 within [`COMMAND_TIMEOUT`]. Returns stdout.
-async fn run<I, S>(program: &str, args: I) -> String
+pub(crate) async fn run<I, S>(program: &str, args: I) -> String
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -85,14 +85,14 @@ where
     out.stdout
 }
 
-struct Output {
-    shown: String,
-    status: std::process::ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub shown: String,
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
 }
 
-async fn output<I, S>(program: &str, args: I) -> Output
+pub(crate) async fn output<I, S>(program: &str, args: I) -> Output
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -117,7 +117,7 @@ where
 // ---------------------------------------------------------------------------
 // helpers: tar, gzip, OCI layouts
 
-enum Entry<'a> {
+pub(crate) enum Entry<'a> {
     Dir(&'a str),
     File(&'a str, u32, &'a [u8]),
     Symlink(&'a str, &'a str),
@@ -125,7 +125,7 @@ enum Entry<'a> {
 
 /// A tar archive of `entries` (root-owned, mtime 0), built with the `tar`
 /// crate.
-fn tar(entries: &[Entry]) -> Vec<u8> {
+pub(crate) fn tar(entries: &[Entry]) -> Vec<u8> {
     let mut b = ::tar::Builder::new(Vec::new());
     for e in entries {
         let mut h = ::tar::Header::new_ustar();
@@ -157,7 +157,7 @@ fn tar(entries: &[Entry]) -> Vec<u8> {
 }
 
 /// A gzip stream of `data` (for the `+gzip` layer media types).
-fn gzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(data).unwrap();

@@ -89,6 +89,8 @@ impl TestApp {
             config.storage.secret_access_key = Some("test".into());
         }
         config.bootstrap_admin = Some(format!("{}:{}", ADMIN.0, ADMIN.1));
+        // Build tests start their executors explicitly.
+        config.builds.local_executor = false;
         tweak(&mut config);
         Self::boot(config, Arc::new(dir)).await
     }

@@ -10,6 +10,7 @@
 mod access;
 mod api;
 mod auth;
+mod builds;
 mod cli;
 mod clients;
 mod crash;

@@ -191,7 +191,7 @@ pub async fn serve(
     let db =
         dockyard_core::Db::connect(&config.database_url(), config.database.max_connections).await?;
     let registry = Arc::new(Registry::open_with(db.clone(), &config)?);
-    let identity = dockyard_core::identity::Identity::new(db);
+    let identity = dockyard_core::identity::Identity::new(db.clone());
     bootstrap_admin(&config, &identity).await?;
     let keys = Arc::new(dockyard_core::token::TokenKeys::load_or_create(
         &config.keys_dir(),
@@ -202,25 +202,42 @@ pub async fn serve(
         identity.clone(),
         &config,
     ));
+    let addr = config.listen;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let builds = Arc::new(dockyard_buildmanager::BuildManager::new(
+        db.clone(),
+        identity.clone(),
+        keys.clone(),
+        registry.clone(),
+        registry.storage.object_store(),
+        dockyard_buildmanager::Settings::from_config(&config, bound),
+    ));
     let api = Arc::new(api::ApiState {
         identity: identity.clone(),
         tls: config.tls.cert.is_some(),
+        builds: builds.clone(),
+        public_url: config.builds.public_url.clone(),
     });
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
+    let build_maintenance = tokio::spawn(builds.clone().run_maintenance(shutdown.clone()));
+    let local_executor = if config.builds.local_executor {
+        start_local_executor(&config, &builds, bound, shutdown.clone()).await
+    } else {
+        None
+    };
     let app = app(registry, gate, tokens, api)
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let addr = config.listen;
     let result = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
                 .map_err(|e| ServeError::Tls(e.to_string()))?;
-            let listener = std::net::TcpListener::bind(addr)
-                .map_err(|source| ServeError::Bind { addr, source })?;
-            listener.set_nonblocking(true)?;
-            on_listen(listener.local_addr()?);
+            on_listen(bound);
             let handle = axum_server::Handle::new();
             let h = handle.clone();
             let s = shutdown.clone();
@@ -235,10 +252,8 @@ pub async fn serve(
                 .map_err(ServeError::Io)
         }
         _ => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?;
-            on_listen(listener.local_addr()?);
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            on_listen(bound);
             let s = shutdown.clone();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { s.cancelled().await })
@@ -248,7 +263,70 @@ pub async fn serve(
     };
     shutdown.cancel();
     let _ = maintenance.await;
+    let _ = build_maintenance.await;
+    if let Some(e) = local_executor {
+        let _ = e.await;
+    }
     result
+}
+
+/// Name of the node token of the in-process executor.
+const LOCAL_EXECUTOR: &str = "local executor";
+
+/// Runs an executor inside this process when a Docker engine answers, so
+/// that `dockyard build` works with nothing else started. It speaks the
+/// same protocol as remote executors, over loopback, with a node token
+/// minted at start-up (the previous one is revoked).
+async fn start_local_executor(
+    config: &Config,
+    builds: &Arc<dockyard_buildmanager::BuildManager>,
+    bound: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if config.tls.cert.is_some() {
+        tracing::warn!(
+            "builds.local_executor is not started with TLS on; run `dockyard executor` against the public URL"
+        );
+        return None;
+    }
+    let engine = match dockyard_builders::engine::DockerEngine::connect(None).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::info!(error = %e, "no Docker engine: the in-process executor is off");
+            return None;
+        }
+    };
+    let _ = builds.revoke_node_token(LOCAL_EXECUTOR).await;
+    let token = match builds.create_node_token(LOCAL_EXECUTOR, "dockyard").await {
+        Ok((_, t)) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the local executor's token");
+            return None;
+        }
+    };
+    let manager = format!("http://{}", dockyard_buildmanager::loopback_address(bound));
+    let agent = dockyard_builders::AgentConfig {
+        manager,
+        token,
+        name: LOCAL_EXECUTOR.into(),
+        platforms: vec![],
+        capacity: config.builds.local_capacity.max(1),
+        engine: Arc::new(engine),
+        work_dir: config.data_dir.join("executor"),
+        poll_wait: Duration::from_secs(25),
+        drain_timeout: Duration::from_secs(5),
+        http: None,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    tracing::info!(
+        capacity = agent.capacity,
+        "starting the in-process executor"
+    );
+    Some(tokio::spawn(async move {
+        if let Err(e) = dockyard_builders::run(agent, shutdown).await {
+            tracing::error!(error = %e, "the in-process executor stopped");
+        }
+    }))
 }
 
 /// Creates the superuser named by `bootstrap_admin` unless that user exists.

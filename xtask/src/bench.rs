@@ -6,6 +6,7 @@
 //! checked: an unexpected one aborts the run. Both servers are killed and
 //! their data directories removed at the end, also on error or Ctrl-C.
 
+mod builds;
 mod servers;
 mod workload;
 
@@ -59,6 +60,10 @@ pub struct BenchArgs {
     /// Use the built-in tokio load generator even if wrk is installed.
     #[arg(long)]
     no_wrk: bool,
+    /// Builds timed for the start-latency figures (needs dockerd); 0 skips
+    /// the build figures [default: 50; quick: 10].
+    #[arg(long)]
+    builds: Option<usize>,
 }
 
 /// Effective settings.
@@ -73,6 +78,7 @@ struct Settings {
     big: u64,
     rounds: usize,
     use_wrk: bool,
+    builds: usize,
 }
 
 impl Settings {
@@ -88,6 +94,7 @@ impl Settings {
             big: (a.big_gib.unwrap_or(if q { 0.25 } else { 2.0 }) * 1024.0 * MIB as f64) as u64,
             rounds: a.rounds.unwrap_or(if q { 1 } else { 3 }).max(1),
             use_wrk: !a.no_wrk && wrk_available(),
+            builds: a.builds.unwrap_or(if q { 10 } else { 50 }),
         };
         if s.blob == 0 || s.chunk == 0 || s.images == 0 || s.concurrency == 0 {
             bail!("--blob-mib, --chunk-mib, --images and --concurrency must be positive");
@@ -237,9 +244,23 @@ async fn bench(s: &Settings, dockyard_bin: &Path, distribution_bin: &Path) -> Re
         progress!("failed: {e:#}");
     }
     let rows = result?;
+    let build_figures = if s.builds > 0 {
+        progress!("build figures: {} builds through two executors", s.builds);
+        let base = servers[0].base.as_str().trim_end_matches('/').to_string();
+        let f = builds::run(&client, &base, dockyard_bin, s.builds).await;
+        if f.is_err() {
+            progress!("Dockyard log tail:\n{}", servers[0].log_tail());
+        }
+        Some(f?)
+    } else {
+        None
+    };
     progress!("stopping servers and removing their data directories");
     drop(servers);
     print_table(&rows);
+    if let Some(f) = &build_figures {
+        builds::print(f);
+    }
     Ok(())
 }
 

@@ -9,10 +9,13 @@
 
 mod accounts;
 mod audit;
+mod builds;
+mod executors;
 mod repositories;
 mod robots;
 mod session;
 mod tokens;
+mod triggers;
 
 use std::sync::Arc;
 
@@ -33,6 +36,10 @@ pub struct ApiState {
     pub identity: Identity,
     /// Served over TLS (session cookies are then `Secure`).
     pub tls: bool,
+    /// Builds, triggers, executors.
+    pub builds: Arc<dockyard_buildmanager::BuildManager>,
+    /// Public base URL for links shown to users (webhook URLs).
+    pub public_url: Option<String>,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -83,6 +90,28 @@ impl From<IdentityError> for ApiError {
             ),
             IdentityError::NotFound(what) => Self::not_found(&what),
             IdentityError::Invalid(what) => Self::invalid(format!("invalid {what}")),
+            e => {
+                tracing::error!(error = %e, "api");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl From<dockyard_buildmanager::BuildError> for ApiError {
+    fn from(e: dockyard_buildmanager::BuildError) -> Self {
+        use dockyard_buildmanager::BuildError as B;
+        match e {
+            B::NotFound(what) => Self::not_found(&what),
+            B::Invalid(m) => Self::invalid(m),
+            B::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            B::Forbidden => Self::forbidden(),
+            B::Unauthenticated => Self::unauthorized(),
+            B::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", m),
             e => {
                 tracing::error!(error = %e, "api");
                 Self::new(
@@ -200,8 +229,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens and audit of a Dockyard registry."),
-    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"))
+    info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens, audit, builds and executors of a Dockyard registry."),
+    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"), (name = "builds"), (name = "executors"))
 )]
 struct ApiDoc;
 
@@ -229,6 +258,28 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))
         .routes(routes!(audit::list))
+        .routes(routes!(builds::list))
+        .routes(routes!(builds::upload))
+        .routes(routes!(builds::get))
+        .routes(routes!(builds::cancel))
+        .routes(routes!(builds::logs))
+        .routes(routes!(builds::list_definitions, builds::create_definition))
+        .routes(routes!(builds::get_definition, builds::delete_definition))
+        .routes(routes!(builds::run_definition))
+        .routes(routes!(triggers::create, triggers::list))
+        .routes(routes!(triggers::delete))
+        .routes(routes!(triggers::deliveries))
+        .routes(routes!(triggers::webhook))
+        .routes(routes!(executors::create_token, executors::list_tokens))
+        .routes(routes!(executors::revoke_token))
+        .routes(routes!(executors::list_executors))
+        .routes(routes!(executors::register))
+        .routes(routes!(executors::poll))
+        .routes(routes!(executors::heartbeat))
+        .routes(routes!(executors::job_log))
+        .routes(routes!(executors::job_token))
+        .routes(routes!(executors::job_context))
+        .routes(routes!(executors::job_result))
         .with_state(state)
         .split_for_parts();
     let doc = Arc::new(doc);

@@ -135,6 +135,8 @@ pub fn start_dockyard(bin: &Path) -> Result<Server> {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("DOCKYARD_LOG_LEVEL", "warn")
+        // The build figures start their own executors.
+        .env("DOCKYARD_BUILDS_LOCAL_EXECUTOR", "false")
         .env(
             "DOCKYARD_BOOTSTRAP_ADMIN",
             format!("{BENCH_USER}:{BENCH_PASSWORD}"),
