@@ -747,6 +747,41 @@ async fn execute(
         });
     }
 
+    // Build from exactly the manifests resolved for this platform.
+    let mut pins = Vec::new();
+    for (b, base) in bases.iter().zip(&base_images) {
+        let (Some(digest), true) = (&base.digest, b.is_on(&job.registry)) else {
+            continue;
+        };
+        match registry::platform_digest(
+            &agent.http,
+            b,
+            digest,
+            &platform,
+            job.registry_insecure,
+            Some(token.token.token.as_str()),
+        )
+        .await
+        {
+            Ok(Some(d)) => pins.push((b.clone(), d)),
+            Ok(None) => {
+                return Err(Error::Dockerfile(format!(
+                    "base image {b} has no {platform} image"
+                )));
+            }
+            Err(e) => logs.line(format!("Warning: cannot pin {b}: {e}")),
+        }
+    }
+    if !pins.is_empty() {
+        let stages = parsed
+            .stages_for(target)
+            .map_err(|e| Error::Dockerfile(format!("{}: {e}", job.dockerfile)))?;
+        let pinned = crate::dockerfile::pin_bases(&text, stages, &pins);
+        tokio::fs::write(&dockerfile_path, pinned)
+            .await
+            .map_err(|e| Error::Source(format!("writing the pinned Dockerfile: {e}")))?;
+    }
+
     logs.phase(Phase::Building);
     let mut spec = BuildSpec::new(&context);
     spec.dockerfile = relative_slash(&context, &dockerfile_path);

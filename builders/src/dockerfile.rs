@@ -277,6 +277,44 @@ impl Dockerfile {
     }
 }
 
+/// `text` with the `FROM` lines of `stages` whose base is in `pins`
+/// rewritten to `FROM [--platform=…] <registry>/<repository>@<digest> [AS
+/// name]`, so that the engine builds from exactly the manifest that was
+/// resolved (two jobs of one build, for different platforms, may share a
+/// local tag on one engine). A `FROM` continued over several lines is left
+/// alone.
+pub fn pin_bases(text: &str, stages: &[Stage], pins: &[(ImageRef, String)]) -> String {
+    let mut lines: Vec<String> = text.split('\n').map(str::to_string).collect();
+    for st in stages {
+        let Some(image) = &st.image else { continue };
+        let Some((_, digest)) = pins.iter().find(|(i, _)| i == image) else {
+            continue;
+        };
+        let Some(line) = lines.get_mut(st.line.wrapping_sub(1)) else {
+            continue;
+        };
+        let trimmed = line.trim_end_matches('\r');
+        if trimmed.ends_with('\\')
+            || !trimmed
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("from")
+        {
+            continue;
+        }
+        let mut new = String::from("FROM ");
+        if let Some(p) = st.platform.as_ref().filter(|p| !p.is_empty()) {
+            new.push_str(&format!("--platform={p} "));
+        }
+        new.push_str(&format!("{}/{}@{digest}", image.registry, image.repository));
+        if let Some(n) = &st.name {
+            new.push_str(&format!(" AS {n}"));
+        }
+        *line = new;
+    }
+    lines.join("\n")
+}
+
 /// The external base images of a Dockerfile for a build of `target` with
 /// `build_args`: every `FROM` that is neither `scratch` nor an earlier stage,
 /// normalised, deduplicated, in order.
@@ -1056,5 +1094,23 @@ FROM busybox
                 .stages
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn pins_bases_to_digests() {
+        let text = "ARG B=reg:5000/lib/base:1\nFROM --platform=$BUILDPLATFORM ${B} AS build\nRUN x\nFROM build\nFROM reg:5000/lib/base:1\n";
+        let args = BTreeMap::new();
+        let df = Dockerfile::parse(text, &args).unwrap();
+        let base = df.base_images(None).unwrap().remove(0);
+        let pinned = pin_bases(text, &df.stages, &[(base, "sha256:abc".into())]);
+        let lines: Vec<&str> = pinned.lines().collect();
+        assert_eq!(lines[0], "ARG B=reg:5000/lib/base:1");
+        assert!(lines[1].starts_with("FROM --platform="), "{pinned}");
+        assert!(
+            lines[1].ends_with("reg:5000/lib/base@sha256:abc AS build"),
+            "{pinned}"
+        );
+        assert_eq!(lines[3], "FROM build");
+        assert_eq!(lines[4], "FROM reg:5000/lib/base@sha256:abc");
     }
 }

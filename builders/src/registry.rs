@@ -114,6 +114,54 @@ pub async fn resolve_digest(
     Ok(Some(Digest::sha256(&body).to_string()))
 }
 
+/// The manifest of `image` at `digest` for `platform`: the matching entry
+/// when `digest` names an index, else `digest` itself. `Ok(None)` when an
+/// index has no entry for the platform.
+pub async fn platform_digest(
+    http: &reqwest::Client,
+    image: &ImageRef,
+    digest: &str,
+    platform: &dockyard_oci::build::Platform,
+    insecure: bool,
+    token: Option<&str>,
+) -> Result<Option<String>> {
+    let url = format!(
+        "{}/v2/{}/manifests/{digest}",
+        registry_url(&image.registry, insecure),
+        image.repository,
+    );
+    let mut req = http.get(&url).header(ACCEPT, accept()).timeout(TIMEOUT);
+    if let Some(t) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let err = |e: reqwest::Error| Error::Registry(format!("{image}: {}", e.without_url()));
+    let resp = req.send().await.map_err(err)?;
+    if !resp.status().is_success() {
+        return Err(Error::Registry(format!(
+            "{image}@{digest}: the registry answered {}",
+            resp.status()
+        )));
+    }
+    let v: serde_json::Value = resp.json().await.map_err(err)?;
+    let Some(entries) = v["manifests"].as_array() else {
+        return Ok(Some(digest.to_string()));
+    };
+    let matches = |m: &serde_json::Value, with_variant: bool| {
+        let p = &m["platform"];
+        p["os"] == platform.os.as_str()
+            && p["architecture"] == platform.architecture.as_str()
+            && (!with_variant
+                || platform.variant.is_none()
+                || p["variant"].as_str() == platform.variant.as_deref())
+    };
+    Ok(entries
+        .iter()
+        .find(|m| matches(m, true))
+        .or_else(|| entries.iter().find(|m| matches(m, false)))
+        .and_then(|m| m["digest"].as_str())
+        .map(str::to_string))
+}
+
 /// The value of `key` in a `Bearer realm="...",service="..."` challenge.
 fn challenge_param(challenge: &str, key: &str) -> Option<String> {
     let rest = challenge.trim();

@@ -154,7 +154,9 @@ fn checkout(
     cancel: &CancellationToken,
 ) -> Result<String> {
     let commit = job.commit.to_ascii_lowercase();
-    if commit.len() < 4 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // No commit but a ref (a manual "rebuild this branch"): the ref's tip.
+    let by_ref = commit.is_empty() && job.git_ref.is_some();
+    if !by_ref && (commit.len() < 4 || !commit.bytes().all(|b| b.is_ascii_hexdigit())) {
         return Err(Error::Source(format!(
             "{:?} is not a commit id",
             job.commit
@@ -172,7 +174,25 @@ fn checkout(
             .unwrap_or_default()
     ));
 
+    let ref_name = job.git_ref.as_deref().unwrap_or("").trim().to_string();
     let find = |repo: &git2::Repository| -> Option<git2::Oid> {
+        if by_ref {
+            let short = ref_name.trim_start_matches("refs/");
+            return [
+                "refs/dockyard/ref".to_string(),
+                format!("refs/dockyard/{short}"),
+                format!("refs/dockyard/heads/{short}"),
+                format!("refs/dockyard/tags/{short}"),
+            ]
+            .iter()
+            .find_map(|r| {
+                repo.revparse_single(r)
+                    .ok()?
+                    .peel_to_commit()
+                    .ok()
+                    .map(|c| c.id())
+            });
+        }
         let obj = repo.revparse_single(&commit).ok()?;
         obj.peel_to_commit().ok().map(|c| c.id())
     };

@@ -253,7 +253,18 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
          CMD [\"cat\", \"/greeting.txt\"]\n",
         host(&app)
     );
-    let commit = git_repo(src.path(), &[("app/Dockerfile", &dockerfile)]);
+    let tools = format!(
+        "FROM {}/library/busybox:1\nCOPY tool.txt /tool.txt\n",
+        host(&app)
+    );
+    let commit = git_repo(
+        src.path(),
+        &[
+            ("app/Dockerfile", &dockerfile),
+            ("tools/build.Dockerfile", &tools),
+            ("tools/tool.txt", "a tool\n"),
+        ],
+    );
     let r = app
         .req(Method::POST, "/api/v1/repositories")
         .json(&json!({"name": "admin/app"}))
@@ -292,7 +303,52 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 201);
+    let definition: Value = r.json().await.unwrap();
+    // A second definition on the same trigger: one push, two images.
+    let r = app
+        .req(
+            Method::POST,
+            "/api/v1/repositories/admin/tools/build-definitions",
+        )
+        .json(&json!({
+            "name": "tools",
+            "git_url": path_str(src.path()),
+            "context_dir": "tools",
+            "dockerfile": "build.Dockerfile",
+            "tag_templates": ["{branch}"],
+            "ref_filter": "^heads/main$",
+            "trigger_id": trigger["id"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "no such repository yet");
+    let r = app
+        .req(Method::POST, "/api/v1/repositories")
+        .json(&json!({"name": "admin/tools"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app
+        .req(
+            Method::POST,
+            "/api/v1/repositories/admin/tools/build-definitions",
+        )
+        .json(&json!({
+            "name": "tools",
+            "git_url": path_str(src.path()),
+            "context_dir": "tools",
+            "dockerfile": "build.Dockerfile",
+            "tag_templates": ["{branch}"],
+            "ref_filter": "^heads/main$",
+            "trigger_id": trigger["id"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
 
     let payload = json!({
         "ref": "refs/heads/main", "after": commit,
@@ -344,7 +400,20 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
         .unwrap();
     assert_eq!(r.status(), 202);
     let ids = r.json::<Value>().await.unwrap()["builds"].clone();
-    let id = ids[0].as_str().unwrap().to_string();
+    assert_eq!(ids.as_array().unwrap().len(), 2, "one build per definition");
+    let mut app_build = None;
+    for id in ids.as_array().unwrap() {
+        let b = wait_final(&app, id.as_str().unwrap(), 240).await;
+        assert_eq!(b["status"], "complete", "{b:#}");
+        if b["repository"] == "admin/app" {
+            app_build = Some(b["id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        app.get("/v2/admin/tools/manifests/main").await.status(),
+        200
+    );
+    let id = app_build.expect("a build of admin/app");
     let b = wait_final(&app, &id, 240).await;
     assert_eq!(b["status"], "complete", "{b:#}");
     assert_eq!(b["trigger_kind"], "webhook");
@@ -399,6 +468,26 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
     .await;
     assert_eq!(out.trim(), "bonjour from the builder");
     let _ = output("docker", ["rmi", "-f", image.as_str()]).await;
+
+    // A manual rebuild of the branch head.
+    let r = app
+        .req(
+            Method::POST,
+            &format!(
+                "/api/v1/build-definitions/{}/run",
+                definition["id"].as_str().unwrap()
+            ),
+        )
+        .json(&json!({"ref": "main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let manual: Value = r.json().await.unwrap();
+    assert_eq!(manual["trigger_kind"], "manual");
+    let m = wait_final(&app, manual["id"].as_str().unwrap(), 240).await;
+    assert_eq!(m["status"], "complete", "{m:#}");
+    assert_eq!(m["tags"], json!(["main", "latest"]));
 
     // Every delivery is recorded, refusals included.
     let v: Value = app
@@ -735,4 +824,124 @@ async fn cancel_stops_a_running_build() {
         app.get("/v2/admin/cancelled/manifests/1").await.status(),
         404
     );
+}
+
+/// Right after install: `dockyard serve` (its in-process executor, no
+/// other process), `dockyard login`, `dockyard build`.
+#[tokio::test]
+async fn serve_builds_out_of_the_box_with_its_in_process_executor() {
+    require_engine();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_dockyard"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DOCKYARD_") {
+            serve.env_remove(k);
+        }
+    }
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let _server = serve
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("DOCKYARD_BOOTSTRAP_ADMIN", admin_pair())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = admin_client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get(format!("{base}/api/v1/executors")).send().await;
+        if let Ok(r) = r
+            && r.status() == 200
+            && r.json::<Value>().await.unwrap()["executors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "local executor" && e["online"] == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no in-process executor registered:\n{}",
+            std::fs::read_to_string(dir.path().join("serve.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY hello.txt /\n").unwrap();
+    std::fs::write(ctx.join("hello.txt"), "hello\n").unwrap();
+    let home = dir.path().join("home");
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_dockyard"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("DOCKYARD_") {
+                c.env_remove(k);
+            }
+        }
+        c.args(args).env("HOME", &home).stdin(Stdio::piped());
+        c
+    };
+    // `dockyard login` checks and saves the credentials; `build` uses them.
+    let mut login = cli(&["login", &base, "-u", ADMIN.0, "--password-stdin"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = login.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{}\n", ADMIN.1).as_bytes())
+            .await
+            .unwrap();
+    }
+    let out = login.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = home.join(".config/dockyard/credentials.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = cli(&["build", "--quiet", "-t", "admin/hello:1"])
+        .arg(&ctx)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = client
+        .get(format!("{base}/v2/admin/hello/manifests/1"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

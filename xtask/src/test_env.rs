@@ -32,6 +32,11 @@ const PACKAGES: &[&str] = &[
     "postgresql",
     "busybox-static",
     "notary",
+    // Build sources in the build tests; perl and make build the vendored
+    // OpenSSL of git2.
+    "git",
+    "perl",
+    "make",
     "uidmap",
     // Runtimes, storage and networking helpers podman/buildah use.
     "runc",
@@ -467,7 +472,7 @@ fn run_tests() -> Result<()> {
             None,
         ),
         (
-            "registry API, access control, token service and REST API tests on PostgreSQL",
+            "registry API, access control, token service, REST API and build tests on PostgreSQL",
             &[
                 "test",
                 "--test",
@@ -477,6 +482,7 @@ fn run_tests() -> Result<()> {
                 "access",
                 "auth",
                 "api",
+                "builds",
             ],
             Some(("DOCKYARD_TEST_POSTGRES_URL", POSTGRES_URL)),
         ),
