@@ -770,6 +770,11 @@ impl BuildManager {
         if d.git_url.trim().is_empty() {
             return Err(BuildError::Invalid("git_url is required".into()));
         }
+        if !self.settings.allow_local_git && !is_remote_git_url(d.git_url.trim()) {
+            return Err(BuildError::Invalid(
+                "git_url must be an https, http, ssh or git URL (or user@host:path); local paths need builds.allow_local_git".into(),
+            ));
+        }
         let dockerfile = d.dockerfile.unwrap_or_else(|| "Dockerfile".into());
         let context_dir = d.context_dir.unwrap_or_default();
         let platforms = if d.platforms.is_empty() {
@@ -1171,6 +1176,24 @@ fn trigger_info(r: &AnyRow) -> Result<TriggerInfo> {
     })
 }
 
+/// Whether a git URL names a remote repository (not a path or `file://`).
+pub fn is_remote_git_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    if ["https://", "http://", "ssh://", "git://"]
+        .iter()
+        .any(|p| lower.starts_with(p))
+    {
+        return true;
+    }
+    // scp-like `user@host:path`, not a path with a colon.
+    match url.split_once(':') {
+        Some((left, _)) => {
+            left.contains('@') && !left.contains('/') && !left.starts_with('.') && !left.is_empty()
+        }
+        None => false,
+    }
+}
+
 /// The temporary tag a job pushes its platform image under.
 pub fn push_tag(job_id: &str) -> String {
     format!("dockyard-build-{job_id}")
@@ -1211,6 +1234,28 @@ mod tests {
             tags_for_push(&templates, &tag, "b1"),
             ["v1.2", "sha-0123456"]
         );
+    }
+
+    #[test]
+    fn remote_git_urls() {
+        for ok in [
+            "https://github.com/a/b.git",
+            "ssh://git@host/a.git",
+            "git://host/a",
+            "git@github.com:a/b.git",
+        ] {
+            assert!(is_remote_git_url(ok), "{ok}");
+        }
+        for local in [
+            "/srv/git/a",
+            "file:///srv/a",
+            "./a",
+            "a/b",
+            "C:/x",
+            "../x@y:z",
+        ] {
+            assert!(!is_remote_git_url(local), "{local}");
+        }
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub struct Settings {
     pub lease: Duration,
     pub max_attempts: u32,
     pub max_context_size: u64,
+    pub allow_local_git: bool,
     pub issuer: String,
     pub service: String,
 }
@@ -90,6 +91,7 @@ impl Settings {
             lease: b.lease,
             max_attempts: b.max_attempts,
             max_context_size: b.max_context_size,
+            allow_local_git: b.allow_local_git,
             issuer: config.auth.issuer.clone(),
             service: config.auth.service.clone(),
         }

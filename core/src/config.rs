@@ -111,6 +111,10 @@ pub struct BuildsConfig {
     pub max_attempts: u32,
     /// Largest uploaded build context.
     pub max_context_size: u64,
+    /// Allow build definitions whose git source is a local path or
+    /// `file://` URL. Off by default: it would let repository admins build
+    /// any repository on the executors' disks.
+    pub allow_local_git: bool,
 }
 
 impl Default for BuildsConfig {
@@ -124,6 +128,7 @@ impl Default for BuildsConfig {
             lease: Duration::from_secs(30),
             max_attempts: 3,
             max_context_size: 2 << 30,
+            allow_local_git: false,
         }
     }
 }

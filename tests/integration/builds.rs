@@ -350,6 +350,31 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
+    // A local path is refused unless builds.allow_local_git is on (it is
+    // in tests); check the refusal on a server with the default.
+    let strict = TestApp::start_with(|c| c.builds.allow_local_git = false).await;
+    strict
+        .req(Method::POST, "/api/v1/repositories")
+        .json(&json!({"name": "admin/app"}))
+        .send()
+        .await
+        .unwrap();
+    for url in [
+        path_str(src.path()).to_string(),
+        format!("file://{}", path_str(src.path())),
+    ] {
+        let r = strict
+            .req(
+                Method::POST,
+                "/api/v1/repositories/admin/app/build-definitions",
+            )
+            .json(&json!({"name": "local", "git_url": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+    }
+
     let payload = json!({
         "ref": "refs/heads/main", "after": commit,
         "repository": {"default_branch": "main", "clone_url": path_str(src.path())},

@@ -91,6 +91,8 @@ impl TestApp {
         config.bootstrap_admin = Some(format!("{}:{}", ADMIN.0, ADMIN.1));
         // Build tests start their executors explicitly.
         config.builds.local_executor = false;
+        // Build tests serve sources from local repositories.
+        config.builds.allow_local_git = true;
         tweak(&mut config);
         Self::boot(config, Arc::new(dir)).await
     }
