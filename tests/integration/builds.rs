@@ -970,3 +970,27 @@ async fn serve_builds_out_of_the_box_with_its_in_process_executor() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_build_past_its_timeout_fails_and_stops() {
+    require_engine();
+    let app = TestApp::start_with(|c| c.builds.timeout = Duration::from_secs(8)).await;
+    push_base(&app, "library/busybox", "1").await;
+    let _exec = Executor::start(&app, "node", "linux/amd64", 1).await;
+    let id = start_sleeping_build(&app, "admin/slow", 120).await;
+    let b = wait_final(&app, &id, 60).await;
+    assert_eq!(b["status"], "failed", "{b:#}");
+    // The executor (which got the time left with the job) or the manager's
+    // sweep stops it, whichever comes first.
+    assert!(
+        b["error"].as_str().unwrap().contains("timed out after"),
+        "{b:#}"
+    );
+    assert!(
+        ["failed", "cancelled"].contains(&b["jobs"][0]["phase"].as_str().unwrap()),
+        "{b:#}"
+    );
+    let took = b["finished_at"].as_i64().unwrap() - b["created_at"].as_i64().unwrap();
+    assert!(took < 30_000, "stopped after {took} ms");
+    assert_eq!(app.get("/v2/admin/slow/manifests/1").await.status(), 404);
+}
