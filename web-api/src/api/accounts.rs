@@ -80,16 +80,7 @@ pub async fn create_user(
     ClientAddress(addr): ClientAddress,
     Json(body): Json<CreateUser>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let who = caller.required()?;
-    if !matches!(
-        who,
-        Principal::User {
-            superuser: true,
-            ..
-        }
-    ) {
-        return Err(ApiError::forbidden());
-    }
+    let who = caller.superuser()?;
     if body.password.len() < 8 {
         return Err(ApiError::invalid(
             "the password must have at least 8 characters",
@@ -233,15 +224,7 @@ pub async fn list_users(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    if !matches!(
-        caller.required()?,
-        Principal::User {
-            superuser: true,
-            ..
-        }
-    ) {
-        return Err(ApiError::forbidden());
-    }
+    caller.superuser()?;
     let users: Vec<Value> = state
         .identity
         .users()

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Query, State};
-use dockyard_core::identity::Principal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
@@ -31,12 +30,7 @@ pub async fn list(
     caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    match caller.required()? {
-        Principal::User {
-            superuser: true, ..
-        } => {}
-        _ => return Err(ApiError::forbidden()),
-    }
+    caller.superuser()?;
     let n = q.n.unwrap_or(100);
     if !(1..=500).contains(&n) {
         return Err(ApiError::invalid("n must be from 1 to 500"));

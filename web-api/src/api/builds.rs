@@ -25,24 +25,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiState, Caller, ClientAddress};
 
-/// The caller's role on a repository; 404 when it may not read it.
-pub(crate) async fn repo_role(
-    state: &ApiState,
-    who: &Principal,
-    repo: &str,
-) -> Result<Role, ApiError> {
-    state
-        .identity
-        .repository_role(who, repo)
-        .await?
-        .ok_or_else(|| ApiError::not_found("repository"))
-}
-
 async fn need(state: &ApiState, caller: &Caller, repo: &str, role: Role) -> Result<(), ApiError> {
-    if state.identity.repository(repo).await?.is_none() {
-        return Err(ApiError::not_found("repository"));
-    }
-    let have = repo_role(state, &caller.0, repo).await?;
+    let (have, _) = super::repositories::role(state, &caller.0, repo).await?;
     if have >= role {
         Ok(())
     } else if caller.0 == Principal::Anonymous {

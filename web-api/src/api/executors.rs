@@ -22,15 +22,6 @@ use utoipa::ToSchema;
 
 use super::{ApiError, ApiState, Caller, ClientAddress};
 
-fn superuser(caller: &Caller) -> Result<(), ApiError> {
-    match caller.required()? {
-        dockyard_core::identity::Principal::User {
-            superuser: true, ..
-        } => Ok(()),
-        _ => Err(ApiError::forbidden()),
-    }
-}
-
 #[derive(Deserialize, ToSchema)]
 pub struct CreateNodeToken {
     /// A name for people, e.g. the build node's host name.
@@ -48,7 +39,7 @@ pub async fn create_token(
     ClientAddress(addr): ClientAddress,
     Json(body): Json<CreateNodeToken>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    superuser(&caller)?;
+    caller.superuser()?;
     let (info, token) = state
         .builds
         .create_node_token(&body.name, caller.0.name())
@@ -76,7 +67,7 @@ pub async fn list_tokens(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    superuser(&caller)?;
+    caller.superuser()?;
     Ok(Json(json!({ "tokens": state.builds.node_tokens().await? })))
 }
 
@@ -91,7 +82,7 @@ pub async fn revoke_token(
     ClientAddress(addr): ClientAddress,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    superuser(&caller)?;
+    caller.superuser()?;
     state.builds.revoke_node_token(&id).await?;
     state
         .identity
@@ -107,7 +98,7 @@ pub async fn list_executors(
     State(state): State<Arc<ApiState>>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    superuser(&caller)?;
+    caller.superuser()?;
     Ok(Json(
         json!({ "executors": state.builds.executors().await? }),
     ))

@@ -153,6 +153,16 @@ impl Caller {
             p => Ok(p),
         }
     }
+
+    /// The caller if a superuser; 401 when anonymous, else 403.
+    pub fn superuser(&self) -> Result<&Principal, ApiError> {
+        match self.required()? {
+            p @ Principal::User {
+                superuser: true, ..
+            } => Ok(p),
+            _ => Err(ApiError::forbidden()),
+        }
+    }
 }
 
 impl FromRequestParts<Arc<ApiState>> for Caller {

@@ -58,7 +58,7 @@ fn check_visibility(v: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// The caller's role on `name`, 404 when it may not even read it.
-async fn role(
+pub(super) async fn role(
     state: &ApiState,
     who: &Principal,
     name: &str,
