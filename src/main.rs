@@ -490,27 +490,21 @@ async fn executor(args: ExecutorArgs) -> anyhow::Result<()> {
     let engine = dockyard_builders::engine::DockerEngine::connect(None)
         .await
         .context("cannot reach the Docker engine (is dockerd running? DOCKER_HOST?)")?;
-    let name = args.name.unwrap_or_else(|| {
-        std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "executor".into())
-    });
     let work_dir = args
         .work_dir
         .unwrap_or_else(|| std::env::temp_dir().join("dockyard-executor"));
-    let config = dockyard_builders::AgentConfig {
-        manager: args.manager.trim_end_matches('/').to_string(),
-        token: args.token,
-        name,
-        platforms,
-        capacity: args.capacity,
-        engine: std::sync::Arc::new(engine),
+    let mut config = dockyard_builders::AgentConfig::new(
+        args.manager.trim_end_matches('/'),
+        args.token,
+        std::sync::Arc::new(engine),
         work_dir,
-        poll_wait: Duration::from_secs(25),
-        drain_timeout: Duration::from_secs(10),
-        http: None,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
+    );
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    config.platforms = platforms;
+    config.capacity = args.capacity;
+    config.drain_timeout = Duration::from_secs(10);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {

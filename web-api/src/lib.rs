@@ -305,19 +305,15 @@ async fn start_local_executor(
         }
     };
     let manager = format!("http://{}", dockyard_buildmanager::loopback_address(bound));
-    let agent = dockyard_builders::AgentConfig {
+    let mut agent = dockyard_builders::AgentConfig::new(
         manager,
         token,
-        name: LOCAL_EXECUTOR.into(),
-        platforms: vec![],
-        capacity: config.builds.local_capacity.max(1),
-        engine: Arc::new(engine),
-        work_dir: config.data_dir.join("executor"),
-        poll_wait: Duration::from_secs(25),
-        drain_timeout: Duration::from_secs(5),
-        http: None,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
+        Arc::new(engine),
+        config.data_dir.join("executor"),
+    );
+    agent.name = LOCAL_EXECUTOR.into();
+    agent.capacity = config.builds.local_capacity.max(1);
+    agent.drain_timeout = Duration::from_secs(5);
     tracing::info!(
         capacity = agent.capacity,
         "starting the in-process executor"
