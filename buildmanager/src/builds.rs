@@ -532,14 +532,7 @@ impl BuildManager {
                 b.build.status
             )));
         }
-        sqlx::query(
-            "UPDATE build_jobs SET phase = 'cancelled', finished_at = $1 \
-             WHERE build_id = $2 AND phase = 'queued'",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        cancel_queued_jobs(id, now).execute(&mut *tx).await?;
         tx.commit().await?;
         tracing::info!(build = %id, "build cancellation requested");
         self.settle(id).await?;
@@ -603,14 +596,9 @@ impl BuildManager {
                 .bind(build_id)
                 .execute(&self.db.write)
                 .await?;
-            sqlx::query(
-                "UPDATE build_jobs SET phase = 'cancelled', finished_at = $1 \
-                 WHERE build_id = $2 AND phase = 'queued'",
-            )
-            .bind(now)
-            .bind(build_id)
-            .execute(&self.db.write)
-            .await?;
+            cancel_queued_jobs(build_id, now)
+                .execute(&self.db.write)
+                .await?;
             if !active {
                 let status = if *phase == Phase::Failed {
                     "failed"
@@ -666,11 +654,15 @@ impl BuildManager {
             metrics::counter!("dockyard_builds_finished_total", "status" => status.to_string())
                 .increment(1);
             tracing::info!(build = %build_id, status, digest = ?digest, "build finished");
-            if let Ok(b) = self.build(build_id).await
-                && let (Some(start), Some(end)) = (Some(b.build.created_at), b.build.finished_at)
+            // The build already ended: a failed read only costs the sample.
+            if let Ok(row) = sqlx::query("SELECT created_at FROM builds WHERE id = $1")
+                .bind(build_id)
+                .fetch_one(&self.db.read)
+                .await
+                && let Ok(created) = row.try_get::<i64, _>(0)
             {
                 metrics::histogram!("dockyard_build_duration_seconds", "status" => status.to_string())
-                    .record((end - start) as f64 / 1000.0);
+                    .record((now - created).max(0) as f64 / 1000.0);
             }
         }
         self.progress.notify_waiters();
@@ -1192,6 +1184,19 @@ pub fn is_remote_git_url(url: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// Ends the jobs of a build that no executor took yet.
+fn cancel_queued_jobs(
+    build_id: &str,
+    now: i64,
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "UPDATE build_jobs SET phase = 'cancelled', finished_at = $1 \
+         WHERE build_id = $2 AND phase = 'queued'",
+    )
+    .bind(now)
+    .bind(build_id)
 }
 
 /// The temporary tag a job pushes its platform image under.

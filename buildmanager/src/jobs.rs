@@ -300,7 +300,7 @@ impl BuildManager {
         platforms: &[Platform],
     ) -> Result<Option<JobAssignment>> {
         let candidates = sqlx::query(
-            "SELECT j.id, j.platform, j.build_id FROM build_jobs j JOIN builds b ON b.id = j.build_id \
+            "SELECT j.id, j.platform, j.build_id, j.queued_at FROM build_jobs j JOIN builds b ON b.id = j.build_id \
              WHERE j.phase = 'queued' AND b.cancel_requested = 0 ORDER BY j.queued_at, j.id LIMIT 100",
         )
         .fetch_all(&self.db.read)
@@ -309,6 +309,7 @@ impl BuildManager {
             let job_id: String = c.try_get(0)?;
             let platform: String = c.try_get(1)?;
             let build_id: String = c.try_get(2)?;
+            let queued_at: i64 = c.try_get(3)?;
             let Ok(wanted) = platform.parse::<Platform>() else {
                 continue;
             };
@@ -344,12 +345,8 @@ impl BuildManager {
             .await?;
             tx.commit().await?;
             let assignment = self.assignment(&job_id).await?;
-            if let Ok(d) = self.build(&build_id).await
-                && let Some(j) = d.jobs.iter().find(|j| j.id == job_id)
-            {
-                metrics::histogram!("dockyard_build_queue_latency_seconds")
-                    .record((now - j.queued_at).max(0) as f64 / 1000.0);
-            }
+            metrics::histogram!("dockyard_build_queue_latency_seconds")
+                .record((now - queued_at).max(0) as f64 / 1000.0);
             self.append_log(
                 &job_id,
                 &format!("dockyard: job taken by executor {executor}\n"),
