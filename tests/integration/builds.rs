@@ -306,20 +306,21 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
     assert_eq!(r.status(), 201);
     let definition: Value = r.json().await.unwrap();
     // A second definition on the same trigger: one push, two images.
+    let tools_definition = json!({
+        "name": "tools",
+        "git_url": path_str(src.path()),
+        "context_dir": "tools",
+        "dockerfile": "build.Dockerfile",
+        "tag_templates": ["{branch}"],
+        "ref_filter": "^heads/main$",
+        "trigger_id": trigger["id"],
+    });
     let r = app
         .req(
             Method::POST,
             "/api/v1/repositories/admin/tools/build-definitions",
         )
-        .json(&json!({
-            "name": "tools",
-            "git_url": path_str(src.path()),
-            "context_dir": "tools",
-            "dockerfile": "build.Dockerfile",
-            "tag_templates": ["{branch}"],
-            "ref_filter": "^heads/main$",
-            "trigger_id": trigger["id"],
-        }))
+        .json(&tools_definition)
         .send()
         .await
         .unwrap();
@@ -336,15 +337,7 @@ async fn github_push_builds_a_multi_stage_image_with_build_args() {
             Method::POST,
             "/api/v1/repositories/admin/tools/build-definitions",
         )
-        .json(&json!({
-            "name": "tools",
-            "git_url": path_str(src.path()),
-            "context_dir": "tools",
-            "dockerfile": "build.Dockerfile",
-            "tag_templates": ["{branch}"],
-            "ref_filter": "^heads/main$",
-            "trigger_id": trigger["id"],
-        }))
+        .json(&tools_definition)
         .send()
         .await
         .unwrap();
@@ -863,12 +856,7 @@ async fn serve_builds_out_of_the_box_with_its_in_process_executor() {
         .unwrap()
         .port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_dockyard"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DOCKYARD_") {
-            serve.env_remove(k);
-        }
-    }
+    let mut serve = tokio::process::Command::from(dockyard_command());
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let _server = serve
         .args([
@@ -912,12 +900,7 @@ async fn serve_builds_out_of_the_box_with_its_in_process_executor() {
     std::fs::write(ctx.join("hello.txt"), "hello\n").unwrap();
     let home = dir.path().join("home");
     let cli = |args: &[&str]| {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_dockyard"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("DOCKYARD_") {
-                c.env_remove(k);
-            }
-        }
+        let mut c = tokio::process::Command::from(dockyard_command());
         c.args(args).env("HOME", &home).stdin(Stdio::piped());
         c
     };

@@ -5,14 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn dockyard() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dockyard"));
-    // Only the variables a test sets reach the process.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DOCKYARD_") {
-            c.env_remove(k);
-        }
-    }
-    c
+    crate::harness::dockyard_command()
 }
 
 #[test]

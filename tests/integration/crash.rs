@@ -2,7 +2,7 @@
 //! pushes never leaves a manifest that references a missing or corrupt blob,
 //! and a restarted server serves everything it acknowledged.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dockyard_oci::Digest;
@@ -17,12 +17,7 @@ impl Drop for Server {
 }
 
 fn start(data: &std::path::Path, port: u16) -> Server {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dockyard"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DOCKYARD_") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = crate::harness::dockyard_command();
     Server(
         c.args([
             "serve",

@@ -254,6 +254,18 @@ impl TestApp {
     }
 }
 
+/// The `dockyard` binary with no `DOCKYARD_*` variable of the test's own
+/// environment: only the variables a test sets reach the process.
+pub fn dockyard_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dockyard"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DOCKYARD_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
 /// `user:password` of the admin, as `DOCKYARD_BOOTSTRAP_ADMIN` takes it.
 pub fn admin_pair() -> String {
     format!("{}:{}", ADMIN.0, ADMIN.1)
