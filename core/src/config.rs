@@ -40,6 +40,10 @@ pub struct Config {
     pub notary: NotaryConfig,
     /// The build manager and the in-process executor.
     pub builds: BuildsConfig,
+    /// The event log.
+    pub events: EventsConfig,
+    /// Outbound webhook delivery.
+    pub webhooks: WebhooksConfig,
     /// `user:password` of a superuser to create at start-up if no user of
     /// that name exists (`DOCKYARD_BOOTSTRAP_ADMIN`).
     pub bootstrap_admin: Option<String>,
@@ -115,6 +119,70 @@ pub struct BuildsConfig {
     /// `file://` URL. Off by default: it would let repository admins build
     /// any repository on the executors' disks.
     pub allow_local_git: bool,
+    /// Pushes of a base image within this window cause one rebuild of each
+    /// dependent definition.
+    #[serde(with = "humantime_serde")]
+    pub rebuild_debounce: Duration,
+    /// When base images in other registries are checked for a new digest: a
+    /// cron expression with seconds (`sec min hour day month weekday`);
+    /// definitions may set their own.
+    pub base_check_schedule: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Pulls are counted in memory and written as one event per manifest
+    /// this often, so a pull storm is not a write storm.
+    #[serde(with = "humantime_serde")]
+    pub pull_flush_interval: Duration,
+    /// Events older than this are pruned once every consumer has read them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            pull_flush_interval: Duration::from_secs(10),
+            retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Attempts per delivery before it is marked dead.
+    pub max_attempts: u32,
+    /// Time allowed for one attempt (connect, send, response).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First retry delay; doubles each attempt, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Deliveries in flight at once across all targets.
+    pub concurrency: u32,
+    /// Allow targets on loopback and private addresses. Off by default so
+    /// that a repository admin cannot make the server call internal
+    /// services.
+    pub allow_private_targets: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            max_attempts: 10,
+            timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(600),
+            concurrency: 32,
+            allow_private_targets: false,
+        }
+    }
 }
 
 impl Default for BuildsConfig {
@@ -129,6 +197,8 @@ impl Default for BuildsConfig {
             max_attempts: 3,
             max_context_size: 2 << 30,
             allow_local_git: false,
+            rebuild_debounce: Duration::from_secs(30),
+            base_check_schedule: "0 */15 * * * *".into(),
         }
     }
 }
@@ -147,6 +217,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             notary: NotaryConfig::default(),
             builds: BuildsConfig::default(),
+            events: EventsConfig::default(),
+            webhooks: WebhooksConfig::default(),
             bootstrap_admin: None,
         }
     }
@@ -293,8 +365,9 @@ impl Default for LogConfig {
 
 /// Sections whose keys can be set from the environment as
 /// `DOCKYARD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 9] = [
-    "database", "storage", "tls", "registry", "gc", "log", "auth", "notary", "builds",
+const SECTIONS: [&str; 11] = [
+    "database", "storage", "tls", "registry", "gc", "log", "auth", "notary", "builds", "events",
+    "webhooks",
 ];
 const TOP_LEVEL: [&str; 3] = ["listen", "data_dir", "bootstrap_admin"];
 
@@ -380,6 +453,15 @@ impl Config {
             p.push(format!(
                 "database.url: {url:?} must start with sqlite:// or postgres://"
             ));
+        }
+        if let Err(e) = self.builds.base_check_schedule.parse::<cron::Schedule>() {
+            p.push(format!(
+                "builds.base_check_schedule: {:?} is not a cron expression with seconds: {e}",
+                self.builds.base_check_schedule
+            ));
+        }
+        if self.webhooks.max_attempts == 0 || self.webhooks.concurrency == 0 {
+            p.push("webhooks.max_attempts and webhooks.concurrency: must be at least 1".into());
         }
         if self.database.max_connections == 0 {
             p.push("database.max_connections: must be at least 1".into());

@@ -1,13 +1,15 @@
 //! Dockyard's shared foundation: the typed configuration (one TOML file with
 //! `DOCKYARD_*` environment overrides), the metadata database (SQLite or
 //! PostgreSQL through `sqlx`, with migrations) and the registry token keys
-//! (Docker token authentication JWTs).
+//! (Docker token authentication JWTs), and the event log that feature
+//! crates react to.
 //!
 //! Every feature crate may use this crate; it must not depend on any of them
 //! and must not serve HTTP.
 
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod identity;
 pub mod images;
 pub mod ratelimit;
