@@ -13,6 +13,7 @@ use sqlx::any::AnyRow;
 
 use crate::webhook::{self, Delivery, Push};
 use crate::{BuildError, BuildManager, Result, new_id};
+use dockyard_core::events::{self, NewEvent, kinds};
 
 /// A build to start.
 #[derive(Debug, Clone)]
@@ -385,7 +386,9 @@ impl BuildManager {
             .execute(&mut *tx)
             .await?;
         }
+        build_event(&mut tx, self.db.backend, &id, kinds::BUILD_QUEUED).await?;
         tx.commit().await?;
+        dockyard_core::events::wake();
         metrics::counter!("dockyard_builds_total", "trigger" => nb.trigger_kind.clone())
             .increment(1);
         self.jobs_ready.notify_waiters();
@@ -638,6 +641,7 @@ impl BuildManager {
         error: Option<String>,
         now: i64,
     ) -> Result<()> {
+        let mut tx = self.db.write.begin().await?;
         let n = sqlx::query(
             "UPDATE builds SET status = $1, manifest_digest = $2, error = $3, finished_at = $4 \
              WHERE id = $5 AND status NOT IN ('complete', 'failed', 'cancelled', 'internal_error')",
@@ -647,9 +651,19 @@ impl BuildManager {
         .bind(&error)
         .bind(now)
         .bind(build_id)
-        .execute(&self.db.write)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            let kind = match status {
+                "complete" => kinds::BUILD_SUCCEEDED,
+                "cancelled" => kinds::BUILD_CANCELLED,
+                _ => kinds::BUILD_FAILED,
+            };
+            build_event(&mut tx, self.db.backend, build_id, kind).await?;
+        }
+        tx.commit().await?;
+        dockyard_core::events::wake();
         if n == 1 {
             metrics::counter!("dockyard_builds_finished_total", "status" => status.to_string())
                 .increment(1);
@@ -1202,6 +1216,39 @@ fn cancel_queued_jobs(
 /// The temporary tag a job pushes its platform image under.
 pub fn push_tag(job_id: &str) -> String {
     format!("dockyard-build-{job_id}")
+}
+
+/// Writes a `build.*` event for a build inside the transaction that changed
+/// it (as its last statements, see `dockyard_core::events`).
+pub(crate) async fn build_event(
+    conn: &mut sqlx::AnyConnection,
+    backend: dockyard_core::Backend,
+    build_id: &str,
+    kind: &'static str,
+) -> sqlx::Result<()> {
+    let r = sqlx::query(
+        "SELECT repository, definition_id, trigger_kind, trigger_detail, tags, status, error, \
+         manifest_digest, created_by FROM builds WHERE id = $1",
+    )
+    .bind(build_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let repository: String = r.try_get(0)?;
+    let tags: Vec<String> = serde_json::from_str(&r.try_get::<String, _>(4)?).unwrap_or_default();
+    let created_by: String = r.try_get(8)?;
+    let mut e = NewEvent::new(kind, &repository)
+        .actor(Some(&created_by))
+        .data(json!({
+            "build_id": build_id,
+            "definition_id": r.try_get::<Option<String>, _>(1)?,
+            "trigger_kind": r.try_get::<String, _>(2)?,
+            "trigger_detail": r.try_get::<String, _>(3)?,
+            "tags": tags,
+            "status": r.try_get::<String, _>(5)?,
+            "error": r.try_get::<Option<String>, _>(6)?,
+        }));
+    e.digest = r.try_get(7)?;
+    events::append(conn, backend, &[e]).await
 }
 
 #[cfg(test)]

@@ -335,15 +335,26 @@ impl BuildManager {
                 tx.rollback().await?;
                 continue; // another executor won it
             }
-            sqlx::query(
+            let started = sqlx::query(
                 "UPDATE builds SET status = 'running', started_at = COALESCE(started_at, $1) \
                  WHERE id = $2 AND status = 'queued'",
             )
             .bind(now)
             .bind(&build_id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if started == 1 {
+                crate::builds::build_event(
+                    &mut tx,
+                    self.db.backend,
+                    &build_id,
+                    dockyard_core::events::kinds::BUILD_STARTED,
+                )
+                .await?;
+            }
             tx.commit().await?;
+            dockyard_core::events::wake();
             let assignment = self.assignment(&job_id).await?;
             metrics::histogram!("dockyard_build_queue_latency_seconds")
                 .record((now - queued_at).max(0) as f64 / 1000.0);

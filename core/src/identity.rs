@@ -995,9 +995,11 @@ impl Identity {
         name: &str,
         visibility: &str,
         description: &str,
+        actor: &str,
     ) -> Result<RepositoryInfo> {
         let ns = name.split('/').next().unwrap_or(name);
         let ns_id = self.namespace(ns).await?.map(|(id, _)| id);
+        let mut tx = self.db.write.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO repositories (name, created_at, namespace_id, visibility, description) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
@@ -1007,12 +1009,17 @@ impl Identity {
         .bind(ns_id)
         .bind(visibility)
         .bind(description)
-        .execute(&self.db.write)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
             return Err(IdentityError::Exists(format!("repository {name}")));
         }
+        let e = crate::events::NewEvent::new(crate::events::kinds::REPOSITORY_CREATED, name)
+            .actor(Some(actor));
+        crate::events::append(&mut tx, self.db.backend, &[e]).await?;
+        tx.commit().await?;
+        crate::events::wake();
         self.repository(name)
             .await?
             .ok_or_else(|| IdentityError::NotFound(format!("repository {name}")))
@@ -1042,7 +1049,7 @@ impl Identity {
 
     /// Deletes a repository with its manifests, tags, blob links, upload
     /// sessions and permissions (the bytes are reclaimed by GC).
-    pub async fn delete_repository(&self, name: &str) -> Result<bool> {
+    pub async fn delete_repository(&self, name: &str, actor: &str) -> Result<bool> {
         let mut tx = self.db.write.begin().await?;
         let Some(row) = sqlx::query("SELECT id FROM repositories WHERE name = $1")
             .bind(name)
@@ -1064,7 +1071,11 @@ impl Identity {
         ] {
             sqlx::query(table).bind(id).execute(&mut *tx).await?;
         }
+        let e = crate::events::NewEvent::new(crate::events::kinds::REPOSITORY_DELETED, name)
+            .actor(Some(actor));
+        crate::events::append(&mut tx, self.db.backend, &[e]).await?;
         tx.commit().await?;
+        crate::events::wake();
         Ok(true)
     }
 

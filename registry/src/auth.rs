@@ -38,6 +38,17 @@ pub enum Caller {
     Principal(Principal),
 }
 
+impl Caller {
+    /// The name events and the audit log record; `None` for anonymous.
+    pub fn name(&self) -> Option<&str> {
+        let n = match self {
+            Caller::Token(c) => c.sub.as_str(),
+            Caller::Principal(p) => p.name(),
+        };
+        (!n.is_empty()).then_some(n)
+    }
+}
+
 /// The `/v2` access check.
 pub struct Gate {
     /// Verifies tokens.

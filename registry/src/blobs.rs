@@ -218,7 +218,7 @@ pub async fn start_upload(
     ctx: &crate::Ctx,
 ) -> Result<Response> {
     let q = query(req.uri());
-    let repo_id = reg.meta.ensure_repo(name.as_str()).await?;
+    let repo_id = reg.meta.ensure_repo(name.as_str(), ctx.actor()).await?;
     if let Some(mount) = param(&q, "mount") {
         let digest = digest_param(mount)?;
         let from = param(&q, "from").and_then(|f| f.parse::<RepoName>().ok());

@@ -64,7 +64,7 @@ pub async fn collect(reg: &Registry, opts: &GcOptions) -> Result<GcReport> {
             let (repo, digest): (String, String) = (r.try_get(0)?, r.try_get(1)?);
             if let Ok(d) = digest.parse() {
                 if !opts.dry_run {
-                    reg.meta.delete_manifest(&repo, &d).await?;
+                    reg.meta.delete_manifest(&repo, &d, Some("gc")).await?;
                 }
                 report.untagged_manifests_deleted += 1;
             }

@@ -51,7 +51,7 @@ impl ImageStore for Registry {
         let digest = Digest::sha256(body);
         match self
             .meta
-            .put_manifest(repository, &digest, &manifest, body, tag)
+            .put_manifest(repository, &digest, &manifest, body, tag, None)
             .await
         {
             Ok(()) => Ok(digest.to_string()),
@@ -66,6 +66,9 @@ impl ImageStore for Registry {
     }
 
     async fn delete_tag(&self, repository: &str, tag: &str) -> Result<bool, ImageStoreError> {
-        self.meta.delete_tag(repository, tag).await.map_err(other)
+        self.meta
+            .delete_tag(repository, tag, None)
+            .await
+            .map_err(other)
     }
 }

@@ -59,6 +59,17 @@ pub struct Registry {
     /// In-memory state of upload sessions, one lock per session so that two
     /// requests for the same session never write at the same offset.
     uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<UploadState>>>>,
+    /// Manifest pulls counted since the last flush, by (repository, digest,
+    /// tag): written as one `manifest.pulled` event each by [`Registry::flush_pulls`].
+    pulls: Mutex<HashMap<PullKey, PullCount>>,
+}
+
+type PullKey = (String, String, Option<String>);
+
+struct PullCount {
+    count: u64,
+    media_type: String,
+    actor: Option<String>,
 }
 
 impl Registry {
@@ -68,6 +79,76 @@ impl Registry {
             storage,
             config,
             uploads: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a manifest pull (no database write on the pull path).
+    pub(crate) fn record_pull(
+        &self,
+        repo: &str,
+        digest: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        actor: Option<&str>,
+    ) {
+        let mut map = self.pulls.lock().expect("pull counts poisoned");
+        let key = (
+            repo.to_string(),
+            digest.to_string(),
+            tag.map(str::to_string),
+        );
+        let e = map.entry(key).or_insert_with(|| PullCount {
+            count: 0,
+            media_type: media_type.to_string(),
+            actor: None,
+        });
+        e.count += 1;
+        e.actor = actor.map(str::to_string);
+    }
+
+    /// Writes the pulls counted so far as `manifest.pulled` events (one per
+    /// repository, digest and tag, with `data.count`) in one transaction.
+    /// On failure the counts are kept for the next flush.
+    pub async fn flush_pulls(&self) -> std::result::Result<usize, sqlx::Error> {
+        let taken: Vec<(PullKey, PullCount)> = {
+            let mut map = self.pulls.lock().expect("pull counts poisoned");
+            map.drain().collect()
+        };
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let evs: Vec<_> = taken
+            .iter()
+            .map(|((repo, digest, tag), c)| {
+                let mut e = dockyard_core::events::NewEvent::new(
+                    dockyard_core::events::kinds::MANIFEST_PULLED,
+                    repo,
+                )
+                .digest(digest)
+                .actor(c.actor.as_deref())
+                .data(serde_json::json!({ "count": c.count, "media_type": c.media_type }));
+                e.tag = tag.clone();
+                e
+            })
+            .collect();
+        match dockyard_core::events::append_now(&self.meta.db, &evs).await {
+            Ok(()) => Ok(evs.len()),
+            Err(e) => {
+                let mut map = self.pulls.lock().expect("pull counts poisoned");
+                for (k, c) in taken {
+                    let entry = map.entry(k).or_insert(PullCount {
+                        count: 0,
+                        media_type: c.media_type.clone(),
+                        actor: None,
+                    });
+                    entry.count += c.count;
+                    if entry.actor.is_none() {
+                        entry.actor = c.actor;
+                    }
+                }
+                Err(e)
+            }
         }
     }
 
@@ -234,6 +315,13 @@ pub(crate) struct Ctx {
     pub caller: Option<Caller>,
 }
 
+impl Ctx {
+    /// Who is acting, for events.
+    pub fn actor(&self) -> Option<&str> {
+        self.caller.as_ref().and_then(Caller::name)
+    }
+}
+
 async fn authorize(
     gate: &Gate,
     route: &Route,
@@ -328,12 +416,18 @@ async fn handle(reg: &Arc<Registry>, route: Route, req: Request, ctx: Ctx) -> Re
             .into_response()),
         (Route::Catalog, Method::GET) => manifests::catalog(reg, req, &ctx).await,
         (Route::Tags(name), Method::GET) => manifests::tags(reg, &name, req).await,
-        (Route::Manifest(name, r), Method::GET) => manifests::get(reg, &name, &r, req, true).await,
-        (Route::Manifest(name, r), Method::HEAD) => {
-            manifests::get(reg, &name, &r, req, false).await
+        (Route::Manifest(name, r), Method::GET) => {
+            manifests::get(reg, &name, &r, req, true, &ctx).await
         }
-        (Route::Manifest(name, r), Method::PUT) => manifests::put(reg, &name, &r, req).await,
-        (Route::Manifest(name, r), Method::DELETE) => manifests::delete(reg, &name, &r).await,
+        (Route::Manifest(name, r), Method::HEAD) => {
+            manifests::get(reg, &name, &r, req, false, &ctx).await
+        }
+        (Route::Manifest(name, r), Method::PUT) => {
+            manifests::put(reg, &name, &r, req, ctx.actor()).await
+        }
+        (Route::Manifest(name, r), Method::DELETE) => {
+            manifests::delete(reg, &name, &r, ctx.actor()).await
+        }
         (Route::Referrers(name, d), Method::GET) => manifests::referrers(reg, &name, &d, req).await,
         (Route::Blob(name, d), Method::GET) => blobs::get(reg, &name, &d, req, true).await,
         (Route::Blob(name, d), Method::HEAD) => blobs::get(reg, &name, &d, req, false).await,

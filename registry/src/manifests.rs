@@ -23,7 +23,9 @@ pub async fn get(
     reference: &Reference,
     req: Request,
     with_body: bool,
+    ctx: &crate::Ctx,
 ) -> Result<Response> {
+    let actor = ctx.actor();
     let row = match reference {
         Reference::Tag(t) => reg.meta.manifest_by_tag(name.as_str(), t.as_str()).await?,
         Reference::Digest(d) => reg.meta.manifest_by_digest(name.as_str(), d).await?,
@@ -42,6 +44,11 @@ pub async fn get(
     }
     let len = row.body.len();
     let body = if with_body {
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Digest(_) => None,
+        };
+        reg.record_pull(name.as_str(), &row.digest, tag, &row.media_type, actor);
         metrics::counter!("dockyard_registry_bytes_sent_total").increment(len as u64);
         Body::from(row.body)
     } else {
@@ -70,6 +77,7 @@ pub async fn put(
     name: &RepoName,
     reference: &Reference,
     req: Request,
+    actor: Option<&str>,
 ) -> Result<Response> {
     let limit = reg.config.max_manifest_size;
     let too_large = || {
@@ -103,7 +111,7 @@ pub async fn put(
     };
     match reg
         .meta
-        .put_manifest(name.as_str(), &digest, &manifest, &body, tag)
+        .put_manifest(name.as_str(), &digest, &manifest, &body, tag, actor)
         .await
     {
         Ok(()) => {}
@@ -147,10 +155,15 @@ pub async fn delete(
     reg: &Arc<Registry>,
     name: &RepoName,
     reference: &Reference,
+    actor: Option<&str>,
 ) -> Result<Response> {
     let found = match reference {
-        Reference::Digest(d) => reg.meta.delete_manifest(name.as_str(), d).await?,
-        Reference::Tag(t) => reg.meta.delete_tag(name.as_str(), t.as_str()).await?,
+        Reference::Digest(d) => reg.meta.delete_manifest(name.as_str(), d, actor).await?,
+        Reference::Tag(t) => {
+            reg.meta
+                .delete_tag(name.as_str(), t.as_str(), actor)
+                .await?
+        }
     };
     if !found {
         return Err(RegistryError::spec(ErrorCode::ManifestUnknown));

@@ -6,6 +6,7 @@
 //! repository; so no crash can leave a manifest that references a missing
 //! blob.
 
+use dockyard_core::events::{self, NewEvent, kinds};
 use dockyard_core::{Db, now_millis};
 use dockyard_oci::{Digest, Manifest};
 use sqlx::Row;
@@ -68,19 +69,23 @@ pub enum Unlink {
     InUse(String),
 }
 
-async fn ensure_repo(conn: &mut sqlx::AnyConnection, name: &str) -> sqlx::Result<i64> {
-    sqlx::query(
+/// The repository's id, creating it if needed; true when it was created
+/// (the caller then records a `repository.created` event).
+async fn ensure_repo(conn: &mut sqlx::AnyConnection, name: &str) -> sqlx::Result<(i64, bool)> {
+    let created = sqlx::query(
         "INSERT INTO repositories (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
     )
     .bind(name)
     .bind(now_millis())
     .execute(&mut *conn)
-    .await?;
+    .await?
+    .rows_affected()
+        == 1;
     let row = sqlx::query("SELECT id FROM repositories WHERE name = $1")
         .bind(name)
         .fetch_one(&mut *conn)
         .await?;
-    row.try_get(0)
+    Ok((row.try_get(0)?, created))
 }
 
 impl Meta {
@@ -97,12 +102,19 @@ impl Meta {
     }
 
     /// The repository's id, creating it on first use.
-    pub async fn ensure_repo(&self, name: &str) -> Result<i64> {
+    pub async fn ensure_repo(&self, name: &str, actor: Option<&str>) -> Result<i64> {
         if let Some(id) = self.repo_id(name).await? {
             return Ok(id);
         }
-        let mut conn = self.db.write.acquire().await?;
-        Ok(ensure_repo(&mut conn, name).await?)
+        let mut tx = self.db.write.begin().await?;
+        let (id, created) = ensure_repo(&mut tx, name).await?;
+        if created {
+            let e = NewEvent::new(kinds::REPOSITORY_CREATED, name).actor(actor);
+            events::append(&mut tx, self.db.backend, &[e]).await?;
+        }
+        tx.commit().await?;
+        events::wake();
+        Ok(id)
     }
 
     /// Size of a blob if it is linked in the repository.
@@ -270,7 +282,9 @@ impl Meta {
     // ---- manifests ----
 
     /// Stores a manifest (and tags it), after checking that everything it
-    /// references is in the repository, all in one transaction.
+    /// references is in the repository, all in one transaction with the
+    /// events it causes (repository created, manifest pushed, tag created
+    /// or moved).
     pub async fn put_manifest(
         &self,
         repo: &str,
@@ -278,10 +292,15 @@ impl Meta {
         manifest: &Manifest,
         body: &[u8],
         tag: Option<&str>,
+        actor: Option<&str>,
     ) -> std::result::Result<(), PutManifestError> {
         let now = now_millis();
         let mut tx = self.db.write.begin().await?;
-        let repo_id = ensure_repo(&mut tx, repo).await?;
+        let (repo_id, repo_created) = ensure_repo(&mut tx, repo).await?;
+        let mut new_events = Vec::new();
+        if repo_created {
+            new_events.push(NewEvent::new(kinds::REPOSITORY_CREATED, repo).actor(actor));
+        }
         for d in manifest.blobs() {
             let row = sqlx::query(
                 "SELECT b.size FROM repository_blobs rb JOIN blobs b ON b.digest = rb.digest \
@@ -358,7 +377,46 @@ impl Meta {
                 .await?;
             }
         }
+        let details = serde_json::json!({
+            "media_type": manifest.media_type,
+            "size": body.len(),
+        });
+        if inserted == 1 {
+            let mut e = NewEvent::new(kinds::MANIFEST_PUSHED, repo)
+                .digest(digest.to_string())
+                .actor(actor)
+                .data(details.clone());
+            e.tag = tag.map(str::to_string);
+            new_events.push(e);
+        }
         if let Some(tag) = tag {
+            let previous: Option<String> =
+                sqlx::query("SELECT digest FROM tags WHERE repository_id = $1 AND name = $2")
+                    .bind(repo_id)
+                    .bind(tag)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?;
+            let mut data = details;
+            data["manifest_new"] = (inserted == 1).into();
+            let kind = match &previous {
+                None => Some(kinds::TAG_CREATED),
+                Some(p) if *p != digest.to_string() => {
+                    data["previous_digest"] = p.clone().into();
+                    Some(kinds::TAG_MOVED)
+                }
+                Some(_) => None,
+            };
+            if let Some(kind) = kind {
+                new_events.push(
+                    NewEvent::new(kind, repo)
+                        .tag(tag)
+                        .digest(digest.to_string())
+                        .actor(actor)
+                        .data(data),
+                );
+            }
             sqlx::query(
                 "INSERT INTO tags (repository_id, name, digest, updated_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (repository_id, name) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
@@ -370,7 +428,9 @@ impl Meta {
             .execute(&mut *tx)
             .await?;
         }
+        events::append(&mut tx, self.db.backend, &new_events).await?;
         tx.commit().await?;
+        events::wake();
         Ok(())
     }
 
@@ -413,12 +473,28 @@ impl Meta {
         Ok(row.map(Self::manifest_row).transpose()?)
     }
 
-    /// Deletes a manifest and, through foreign keys, its tags and references.
-    pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
+    /// Deletes a manifest and its tags and references, with a
+    /// `manifest.deleted` event and a `tag.deleted` event per tag.
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        actor: Option<&str>,
+    ) -> Result<bool> {
         let Some(repo_id) = self.repo_id(repo).await? else {
             return Ok(false);
         };
         let mut tx = self.db.write.begin().await?;
+        let tags: Vec<String> = sqlx::query(
+            "SELECT name FROM tags WHERE repository_id = $1 AND digest = $2 ORDER BY name",
+        )
+        .bind(repo_id)
+        .bind(digest.to_string())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<sqlx::Result<_>>()?;
         // Explicit deletes so that the result does not depend on foreign-key
         // enforcement being on.
         for q in [
@@ -438,21 +514,59 @@ impl Meta {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        if n == 1 {
+            let d = digest.to_string();
+            let mut evs: Vec<NewEvent> = tags
+                .iter()
+                .map(|t| {
+                    NewEvent::new(kinds::TAG_DELETED, repo)
+                        .tag(t)
+                        .digest(&d)
+                        .actor(actor)
+                })
+                .collect();
+            evs.push(
+                NewEvent::new(kinds::MANIFEST_DELETED, repo)
+                    .digest(&d)
+                    .actor(actor)
+                    .data(serde_json::json!({ "tags": tags })),
+            );
+            events::append(&mut tx, self.db.backend, &evs).await?;
+        }
         tx.commit().await?;
+        events::wake();
         Ok(n == 1)
     }
 
-    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+    /// Removes a tag (the manifest stays), with a `tag.deleted` event.
+    pub async fn delete_tag(&self, repo: &str, tag: &str, actor: Option<&str>) -> Result<bool> {
         let Some(repo_id) = self.repo_id(repo).await? else {
             return Ok(false);
         };
-        let n = sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
+        let mut tx = self.db.write.begin().await?;
+        let Some(row) =
+            sqlx::query("SELECT digest FROM tags WHERE repository_id = $1 AND name = $2")
+                .bind(repo_id)
+                .bind(tag)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(false);
+        };
+        let digest: String = row.try_get(0)?;
+        sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
             .bind(repo_id)
             .bind(tag)
-            .execute(&self.db.write)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .execute(&mut *tx)
+            .await?;
+        let e = NewEvent::new(kinds::TAG_DELETED, repo)
+            .tag(tag)
+            .digest(digest)
+            .actor(actor);
+        events::append(&mut tx, self.db.backend, &[e]).await?;
+        tx.commit().await?;
+        events::wake();
+        Ok(true)
     }
 
     /// Up to `n` tags after `last`, in lexical order; `None` if the

@@ -867,6 +867,22 @@ async fn api_permission_matrix_covers_every_operation() {
             &[403],
         ),
         (
+            "GET /api/v1/events",
+            "/api/v1/events".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/repositories/{namespace}/{name}/events",
+            "/api/v1/repositories/alice/app/events".into(),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
             "GET /api/v1/users",
             "/api/v1/users".into(),
             json!(null),

@@ -215,4 +215,54 @@ async fn sigkill_during_pushes_never_leaves_dangling_manifests() {
             assert_eq!(bytes.len() as u64, desc["size"].as_u64().unwrap());
         }
     }
+    // Each change was committed with its event: every tag that exists has
+    // exactly one tag.created event with its digest, and no event names a
+    // tag that does not exist.
+    let mut created = std::collections::BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let page: Value = client
+            .get(format!(
+                "{base}/api/v1/repositories/crash/app/events?n=1000&after={after}"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            break;
+        }
+        for e in events {
+            if e["type"] == "tag.created" {
+                let t = e["tag"].as_str().unwrap().to_string();
+                assert!(
+                    created.insert(t.clone(), e["digest"].clone()).is_none(),
+                    "two tag.created events for {t}"
+                );
+            }
+        }
+        after = page["next"].as_i64().unwrap();
+    }
+    assert_eq!(
+        created.len(),
+        tags.len(),
+        "tags and tag.created events differ"
+    );
+    for t in tags {
+        let t = t.as_str().unwrap();
+        let r = client
+            .head(format!("{base}/v2/crash/app/manifests/{t}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            created.get(t).and_then(Value::as_str),
+            r.headers()["docker-content-digest"].to_str().ok(),
+            "tag {t} has no matching event"
+        );
+    }
 }

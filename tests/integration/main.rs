@@ -14,6 +14,7 @@ mod builds;
 mod cli;
 mod clients;
 mod crash;
+mod events;
 mod harness;
 mod notary;
 mod registry_api;

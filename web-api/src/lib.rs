@@ -223,6 +223,11 @@ pub async fn serve(
     });
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
     let maintenance = tokio::spawn(maintenance(registry.clone(), shutdown.clone()));
+    let event_maintenance = tokio::spawn(event_maintenance(
+        registry.clone(),
+        config.events.clone(),
+        shutdown.clone(),
+    ));
     let build_maintenance = tokio::spawn(builds.clone().run_maintenance(shutdown.clone()));
     let local_executor = if config.builds.local_executor {
         start_local_executor(&config, &builds, bound, shutdown.clone()).await
@@ -263,6 +268,7 @@ pub async fn serve(
     };
     shutdown.cancel();
     let _ = maintenance.await;
+    let _ = event_maintenance.await;
     let _ = build_maintenance.await;
     if let Some(e) = local_executor {
         let _ = e.await;
@@ -344,6 +350,40 @@ async fn bootstrap_admin(
         }
         Err(dockyard_core::identity::IdentityError::Exists(_)) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The event log's housekeeping: writes the pull counts every
+/// `events.pull_flush_interval` (and once more at shutdown), prunes events
+/// past `events.retention` that every consumer has read.
+async fn event_maintenance(
+    registry: Arc<Registry>,
+    config: dockyard_core::config::EventsConfig,
+    shutdown: CancellationToken,
+) {
+    let mut flush =
+        tokio::time::interval(config.pull_flush_interval.max(Duration::from_millis(100)));
+    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = flush.tick() => {
+                if let Err(e) = registry.flush_pulls().await {
+                    tracing::warn!(error = %e, "could not record pulls; kept for the next flush");
+                }
+            }
+            _ = prune.tick() => {
+                let before = dockyard_core::now_millis() - config.retention.as_millis() as i64;
+                match dockyard_core::events::prune(&registry.meta.db, before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pruned = n, "pruned old events"),
+                    Err(e) => tracing::warn!(error = %e, "event pruning failed"),
+                }
+            }
+        }
+    }
+    if let Err(e) = registry.flush_pulls().await {
+        tracing::warn!(error = %e, "could not record the last pulls");
     }
 }
 

@@ -107,7 +107,7 @@ pub async fn upload(
         }
         state
             .identity
-            .create_repository(&repo, "private", "")
+            .create_repository(&repo, "private", "", who.name())
             .await?;
         state
             .identity

@@ -10,6 +10,7 @@
 mod accounts;
 mod audit;
 mod builds;
+mod events;
 mod executors;
 mod repositories;
 mod robots;
@@ -240,7 +241,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens, audit, builds and executors of a Dockyard registry."),
-    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"), (name = "builds"), (name = "executors"))
+    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"), (name = "events"), (name = "builds"), (name = "executors"))
 )]
 struct ApiDoc;
 
@@ -268,6 +269,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .routes(routes!(tokens::create, tokens::list))
         .routes(routes!(tokens::revoke))
         .routes(routes!(audit::list))
+        .routes(routes!(events::list))
+        .routes(routes!(events::repository))
         .routes(routes!(builds::list))
         .routes(routes!(builds::upload))
         .routes(routes!(builds::get))

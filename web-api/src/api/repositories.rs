@@ -130,6 +130,7 @@ pub async fn create(
             &body.name,
             body.visibility.as_deref().unwrap_or("private"),
             body.description.as_deref().unwrap_or(""),
+            who.name(),
         )
         .await?;
     state
@@ -210,7 +211,7 @@ pub async fn delete(
     if role != Role::Admin {
         return Err(ApiError::forbidden());
     }
-    state.identity.delete_repository(&full).await?;
+    state.identity.delete_repository(&full, who.name()).await?;
     state
         .identity
         .audit(who, "repository.deleted", &full, &addr, true, None)
