@@ -196,3 +196,154 @@ async fn repository_api_changes_and_builds_are_events() {
     assert_eq!(last["type"], "repository.deleted");
     assert_eq!(last["repository"], "admin/made");
 }
+
+/// Records which process handled which event.
+struct Tally {
+    replica: usize,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, i64)>>>,
+}
+
+#[async_trait::async_trait]
+impl dockyard_core::events::Handler for Tally {
+    async fn handle(
+        &self,
+        _tx: &mut sqlx::AnyConnection,
+        events: &[dockyard_core::events::Event],
+    ) -> Result<(), String> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(events.iter().map(|e| (self.replica, e.id)));
+        Ok(())
+    }
+}
+
+/// Two "replicas" (two connection pools to the same database, as two
+/// processes would have) run the same consumer while writers commit events
+/// concurrently: every event is handled once, by one replica, in id order,
+/// and none is skipped even though PostgreSQL transactions commit in any
+/// order. When the lease holder stops, the other takes over where it was.
+#[tokio::test]
+async fn one_replica_consumes_each_event_once_in_order() {
+    use dockyard_core::events::{self, ConsumerOptions, NewEvent, kinds};
+    let app = TestApp::start().await;
+    let url = app.config.database_url();
+    let replicas = [
+        dockyard_core::Db::connect(&url, 4).await.unwrap(),
+        dockyard_core::Db::connect(&url, 4).await.unwrap(),
+    ];
+    // Events the server itself wrote (the admin's bootstrap) come first.
+    let start = events::list(&replicas[0], 0, None, 1000)
+        .await
+        .unwrap()
+        .last()
+        .map_or(0, |e| e.id);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let opts = ConsumerOptions {
+        batch: 7,
+        lease: Duration::from_secs(2),
+        idle: Duration::from_millis(5),
+    };
+    let stops: Vec<_> = (0..2)
+        .map(|_| tokio_util::sync::CancellationToken::new())
+        .collect();
+    let mut runs = Vec::new();
+    for (i, db) in replicas.iter().enumerate() {
+        runs.push(tokio::spawn(events::run_consumer(
+            db.clone(),
+            "test-consumer",
+            std::sync::Arc::new(Tally {
+                replica: i,
+                seen: seen.clone(),
+            }),
+            opts.clone(),
+            stops[i].clone(),
+        )));
+    }
+    // 8 writers × 40 events, each in its own transaction, committed in
+    // whatever order the database decides.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let db = replicas[w % 2].clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let mut tx = db.write.begin().await.unwrap();
+                    events::append(
+                        &mut tx,
+                        db.backend,
+                        &[NewEvent::new(kinds::TAG_CREATED, "x/y").tag(format!("w{w}-{i}"))],
+                    )
+                    .await
+                    .unwrap();
+                    if i % 2 == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let wait_for = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..500 {
+                if seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, id)| *id > start)
+                    .count()
+                    >= n
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(320).await;
+    let first_holder = seen.lock().unwrap().last().unwrap().0;
+    // The holder stops; the other replica continues after its position.
+    stops[first_holder].cancel();
+    let db = &replicas[1 - first_holder];
+    for i in 0..20 {
+        events::append_now(
+            db,
+            &[NewEvent::new(kinds::TAG_DELETED, "x/y").tag(format!("d{i}"))],
+        )
+        .await
+        .unwrap();
+    }
+    wait_for(340).await;
+    for s in &stops {
+        s.cancel();
+    }
+    for r in runs {
+        r.await.unwrap();
+    }
+    let seen: Vec<(usize, i64)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|(_, id)| *id > start)
+        .collect();
+    let ids: Vec<i64> = seen.iter().map(|(_, id)| *id).collect();
+    let all: Vec<i64> = events::list(&replicas[0], start, None, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(all.len(), 340);
+    assert_eq!(ids, all, "each event once, in id order, none skipped");
+    // Before the stop, one replica did all the work.
+    let before: std::collections::BTreeSet<usize> =
+        seen.iter().take(320).map(|(r, _)| *r).collect();
+    assert_eq!(before.len(), 1, "both replicas consumed: {before:?}");
+    assert!(
+        seen.iter().skip(320).all(|(r, _)| *r != first_holder),
+        "the stopped replica kept consuming"
+    );
+}

@@ -483,6 +483,7 @@ fn run_tests() -> Result<()> {
                 "auth",
                 "api",
                 "builds",
+                "events",
             ],
             Some(("DOCKYARD_TEST_POSTGRES_URL", POSTGRES_URL)),
         ),
