@@ -259,6 +259,20 @@ pub async fn prune(db: &Db, before: i64) -> sqlx::Result<u64> {
     Ok(n)
 }
 
+/// Sets `dockyard_events_consumer_lag{consumer}`: events written that each
+/// consumer has not read yet.
+pub async fn record_lag(db: &Db) -> sqlx::Result<()> {
+    let last: i64 = sqlx::query("SELECT COALESCE(MAX(id), 0) FROM events")
+        .fetch_one(&db.read)
+        .await?
+        .try_get(0)?;
+    for (name, position, _) in consumers(db).await? {
+        metrics::gauge!("dockyard_events_consumer_lag", "consumer" => name)
+            .set((last - position).max(0) as f64);
+    }
+    Ok(())
+}
+
 /// Where each consumer stands: `(name, position, lease owner)`.
 pub async fn consumers(db: &Db) -> sqlx::Result<Vec<(String, i64, Option<String>)>> {
     let rows = sqlx::query("SELECT name, position, owner FROM event_consumers ORDER BY name")

@@ -371,6 +371,7 @@ async fn event_maintenance(
                 if let Err(e) = registry.flush_pulls().await {
                     tracing::warn!(error = %e, "could not record pulls; kept for the next flush");
                 }
+                let _ = dockyard_core::events::record_lag(&registry.meta.db).await;
             }
             _ = prune.tick() => {
                 let before = dockyard_core::now_millis() - config.retention.as_millis() as i64;
