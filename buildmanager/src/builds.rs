@@ -81,6 +81,10 @@ pub struct NewDefinition {
     /// Rebuild when a base image moves (default true).
     #[serde(default)]
     pub auto_rebuild: Option<bool>,
+    /// When base images in other registries are checked: a cron expression
+    /// with seconds; default `builds.base_check_schedule`.
+    #[serde(default)]
+    pub base_check_schedule: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -100,6 +104,8 @@ pub struct DefinitionInfo {
     pub tag_templates: Vec<String>,
     pub ref_filter: Option<String>,
     pub auto_rebuild: bool,
+    /// Own schedule of upstream base checks (null: the server's).
+    pub base_check_schedule: Option<String>,
     pub created_by: String,
     pub created_at: i64,
 }
@@ -241,6 +247,7 @@ fn definition_info(r: &AnyRow) -> sqlx::Result<DefinitionInfo> {
         tag_templates: strings(&r.try_get::<String, _>("tag_templates")?),
         ref_filter: r.try_get("ref_filter")?,
         auto_rebuild: r.try_get::<i64, _>("auto_rebuild")? != 0,
+        base_check_schedule: r.try_get("base_check_schedule")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
     })
@@ -806,12 +813,15 @@ impl BuildManager {
         if let Some(t) = &d.trigger_id {
             self.trigger(t).await?;
         }
+        if let Some(s) = &d.base_check_schedule {
+            crate::rebuild::validate_schedule(s)?;
+        }
         let id = new_id();
         let r = sqlx::query(
             "INSERT INTO build_definitions (id, repository, name, trigger_id, git_url, git_username, \
              git_password, git_ssh_key, dockerfile, context_dir, build_args, target, platforms, \
-             tag_templates, ref_filter, auto_rebuild, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+             tag_templates, ref_filter, auto_rebuild, created_by, created_at, base_check_schedule) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(&id)
         .bind(repository)
@@ -831,6 +841,7 @@ impl BuildManager {
         .bind(d.auto_rebuild.unwrap_or(true) as i64)
         .bind(by)
         .bind(now_millis())
+        .bind(&d.base_check_schedule)
         .execute(&self.db.write)
         .await;
         match r {

@@ -6,15 +6,18 @@
 //! assembles the OCI index and applies the tags through
 //! [`dockyard_core::images::ImageStore`].
 //!
-//! Owns: the build tables (migration `0003_builds`), node tokens, the
+//! Owns: the build tables (migrations `0003_builds`, `0006_rebuilds`), node tokens, the
 //! executor protocol's server side ([`jobs`]; the HTTP handlers are in `web-api`), inbound webhook
-//! verification ([`webhook`]). It must not reach into the registry's
+//! verification ([`webhook`]), base-image rebuilds ([`rebuild`], with
+//! upstream checks in [`upstream`]). It must not reach into the registry's
 //! internals (only the `ImageStore` trait) and does not talk to build
 //! engines itself: executors do.
 
 pub mod builds;
 pub mod jobs;
 pub mod logs;
+pub mod rebuild;
+pub mod upstream;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -75,6 +78,10 @@ pub struct Settings {
     pub allow_local_git: bool,
     pub issuer: String,
     pub service: String,
+    /// Moves of a base within this window cause one rebuild per dependent.
+    pub rebuild_debounce: Duration,
+    /// Default cron schedule (with seconds) of upstream base checks.
+    pub base_check_schedule: String,
 }
 
 impl Settings {
@@ -94,6 +101,8 @@ impl Settings {
             allow_local_git: b.allow_local_git,
             issuer: config.auth.issuer.clone(),
             service: config.auth.service.clone(),
+            rebuild_debounce: b.rebuild_debounce,
+            base_check_schedule: b.base_check_schedule.clone(),
         }
     }
 }
@@ -111,6 +120,10 @@ pub struct BuildManager {
     pub(crate) jobs_ready: Notify,
     /// Signalled on new log text or state changes (wakes log followers).
     pub(crate) progress: Notify,
+    /// Signalled when base rebuilds were recorded (wakes their scheduler).
+    pub(crate) rebuilds_ready: Notify,
+    /// Signalled when rebuild settings changed (upstream checks re-plan).
+    pub(crate) upstream_changed: Notify,
 }
 
 impl BuildManager {
@@ -131,6 +144,8 @@ impl BuildManager {
             settings,
             jobs_ready: Notify::new(),
             progress: Notify::new(),
+            rebuilds_ready: Notify::new(),
+            upstream_changed: Notify::new(),
         }
     }
 

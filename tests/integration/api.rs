@@ -437,6 +437,21 @@ async fn api_permission_matrix_covers_every_operation() {
             .unwrap()
             .to_string()
     };
+    // A webhook of alice/app (created before the build, whose build.queued
+    // event it then gets a delivery of).
+    let webhook = created(
+        as_user(
+            &app,
+            Method::POST,
+            "/api/v1/repositories/alice/app/webhooks",
+            ALICE,
+        )
+        .json(&json!({"url": "https://hooks.example.com/alice"}))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
     let build = created(
         as_user(
             &app,
@@ -476,6 +491,27 @@ async fn api_permission_matrix_covers_every_operation() {
         .unwrap(),
     )
     .await;
+    let mut delivery = String::new();
+    for _ in 0..200 {
+        let v: Value = as_user(
+            &app,
+            Method::GET,
+            &format!("/api/v1/webhooks/{webhook}/deliveries"),
+            ALICE,
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        if let Some(id) = v["deliveries"][0]["id"].as_str() {
+            delivery = id.to_string();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(!delivery.is_empty(), "no delivery of build.queued");
     let doc: Value = app
         .anon
         .get(app.url("/api/v1/openapi.json"))
@@ -609,6 +645,14 @@ async fn api_permission_matrix_covers_every_operation() {
             &[200],
         ),
         (
+            "GET /api/v1/repositories/{namespace}/{name}/builds/rebuilds",
+            "/api/v1/repositories/alice/app/builds/rebuilds".into(),
+            json!(null),
+            404,
+            &[404],
+            &[200],
+        ),
+        (
             "POST /api/v1/repositories/{namespace}/{name}/builds/context",
             "/api/v1/repositories/alice/app/builds/context".into(),
             json!({}),
@@ -671,6 +715,14 @@ async fn api_permission_matrix_covers_every_operation() {
             404,
             &[404],
             &[201],
+        ),
+        (
+            "PATCH /api/v1/build-definitions/{id}",
+            format!("/api/v1/build-definitions/{definition}"),
+            json!({"auto_rebuild": false, "base_check_schedule": "0 0 * * * *"}),
+            404,
+            &[404],
+            &[200],
         ),
         (
             "DELETE /api/v1/build-definitions/{id}",
@@ -809,6 +861,105 @@ async fn api_permission_matrix_covers_every_operation() {
             401,
             &[401],
             &[401],
+        ),
+        // Webhooks: by the subscription's scope (repository admins,
+        // organization admins, superusers); by id, who does not manage it
+        // does not learn that it exists.
+        (
+            "POST /api/v1/repositories/{namespace}/{name}/webhooks",
+            "/api/v1/repositories/alice/app/webhooks".into(),
+            json!({"url": "https://hooks.example.com/other", "format": "cloudevents"}),
+            401,
+            &[404],
+            &[201],
+        ),
+        (
+            "GET /api/v1/repositories/{namespace}/{name}/webhooks",
+            "/api/v1/repositories/alice/app/webhooks".into(),
+            json!(null),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/organizations/{org}/webhooks",
+            "/api/v1/organizations/acme/webhooks".into(),
+            json!({"url": "https://hooks.example.com/acme", "event_types": ["tag.created"]}),
+            401,
+            &[403],
+            &[201],
+        ),
+        (
+            "GET /api/v1/organizations/{org}/webhooks",
+            "/api/v1/organizations/acme/webhooks".into(),
+            json!(null),
+            401,
+            &[403],
+            &[200],
+        ),
+        (
+            "POST /api/v1/webhooks",
+            "/api/v1/webhooks".into(),
+            json!({"url": "https://hooks.example.com/all"}),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/webhooks",
+            "/api/v1/webhooks".into(),
+            json!(null),
+            401,
+            &[403],
+            &[403],
+        ),
+        (
+            "GET /api/v1/webhooks/{id}",
+            format!("/api/v1/webhooks/{webhook}"),
+            json!(null),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "PATCH /api/v1/webhooks/{id}",
+            format!("/api/v1/webhooks/{webhook}"),
+            json!({"tag_regex": "v.*"}),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "GET /api/v1/webhooks/{id}/deliveries",
+            format!("/api/v1/webhooks/{webhook}/deliveries"),
+            json!(null),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "GET /api/v1/webhooks/{id}/deliveries/{delivery}",
+            format!("/api/v1/webhooks/{webhook}/deliveries/{delivery}"),
+            json!(null),
+            401,
+            &[404],
+            &[200],
+        ),
+        (
+            "POST /api/v1/webhooks/{id}/deliveries/{delivery}/redeliver",
+            format!("/api/v1/webhooks/{webhook}/deliveries/{delivery}/redeliver"),
+            json!(null),
+            401,
+            &[404],
+            &[201],
+        ),
+        (
+            "DELETE /api/v1/webhooks/{id}",
+            format!("/api/v1/webhooks/{webhook}"),
+            json!(null),
+            401,
+            &[404],
+            &[204],
         ),
         (
             "PUT /api/v1/repositories/{namespace}/{name}/permissions/{kind}/{subject}",

@@ -65,13 +65,18 @@ async fn push_base(app: &TestApp, repo: &str, tag: &str) -> String {
 }
 
 /// A `dockyard executor` process, killed when dropped.
-struct Executor {
+pub(crate) struct Executor {
     child: tokio::process::Child,
     name: String,
 }
 
 impl Executor {
-    async fn start(app: &TestApp, name: &str, platforms: &str, capacity: u32) -> Executor {
+    pub(crate) async fn start(
+        app: &TestApp,
+        name: &str,
+        platforms: &str,
+        capacity: u32,
+    ) -> Executor {
         let r = app
             .req(Method::POST, "/api/v1/executor-tokens")
             .json(&json!({ "name": name }))
@@ -129,7 +134,7 @@ impl Executor {
         }
     }
 
-    fn log(&self, app: &TestApp) -> String {
+    pub(crate) fn log(&self, app: &TestApp) -> String {
         std::fs::read_to_string(
             app.data_dir
                 .path()
@@ -143,14 +148,19 @@ impl Executor {
     }
 }
 
-async fn build_detail(app: &TestApp, id: &str) -> Value {
+pub(crate) async fn build_detail(app: &TestApp, id: &str) -> Value {
     let r = app.get(&format!("/api/v1/builds/{id}")).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
 
 /// Polls a build until `done(build)` or the deadline; returns the build.
-async fn wait_for(app: &TestApp, id: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(
+    app: &TestApp,
+    id: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let b = build_detail(app, id).await;
@@ -170,15 +180,15 @@ async fn wait_for(app: &TestApp, id: &str, secs: u64, done: impl Fn(&Value) -> b
     }
 }
 
-fn is_final(b: &Value) -> bool {
+pub(crate) fn is_final(b: &Value) -> bool {
     ["complete", "failed", "cancelled", "internal_error"].contains(&b["status"].as_str().unwrap())
 }
 
-async fn wait_final(app: &TestApp, id: &str, secs: u64) -> Value {
+pub(crate) async fn wait_final(app: &TestApp, id: &str, secs: u64) -> Value {
     wait_for(app, id, secs, is_final).await
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
         .args(args)
@@ -194,7 +204,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A git repository with `files`, committed on `main`; returns its head.
-fn git_repo(dir: &Path, files: &[(&str, &str)]) -> String {
+pub(crate) fn git_repo(dir: &Path, files: &[(&str, &str)]) -> String {
     git(dir, &["init", "-q", "-b", "main"]);
     for (name, content) in files {
         let p = dir.join(name);
@@ -206,7 +216,7 @@ fn git_repo(dir: &Path, files: &[(&str, &str)]) -> String {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-fn host(app: &TestApp) -> String {
+pub(crate) fn host(app: &TestApp) -> String {
     app.addr.to_string()
 }
 
@@ -230,7 +240,7 @@ async fn docker_login(app: &TestApp) {
     );
 }
 
-fn require_engine() {
+pub(crate) fn require_engine() {
     require("docker", "docker.io");
     require("git", "git");
     require("skopeo", "skopeo");

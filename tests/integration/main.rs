@@ -17,4 +17,6 @@ mod crash;
 mod events;
 mod harness;
 mod notary;
+mod rebuilds;
 mod registry_api;
+mod webhooks;

@@ -40,6 +40,8 @@ pub enum ServeError {
     Keys(#[from] dockyard_core::token::TokenError),
     #[error("bootstrap admin: {0}")]
     Bootstrap(#[from] dockyard_core::identity::IdentityError),
+    #[error("webhooks: {0}")]
+    Webhooks(#[from] dockyard_webhooks::WebhookError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -215,10 +217,12 @@ pub async fn serve(
         registry.storage.object_store(),
         dockyard_buildmanager::Settings::from_config(&config, bound),
     ));
+    let webhooks = dockyard_webhooks::Webhooks::new(db.clone(), webhook_settings(&config, bound))?;
     let api = Arc::new(api::ApiState {
         identity: identity.clone(),
         tls: config.tls.cert.is_some(),
         builds: builds.clone(),
+        webhooks: webhooks.clone(),
         public_url: config.builds.public_url.clone(),
     });
     let tokens = Arc::new(token_service::TokenService::new(&config, identity, keys));
@@ -229,6 +233,9 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let build_maintenance = tokio::spawn(builds.clone().run_maintenance(shutdown.clone()));
+    // Base-image rebuilds: the tag-event consumer, its scheduler, upstream checks.
+    let rebuilds = builds.start_rebuilds(shutdown.clone());
+    let webhook_workers = webhooks.start(shutdown.clone());
     let local_executor = if config.builds.local_executor {
         start_local_executor(&config, &builds, bound, shutdown.clone()).await
     } else {
@@ -270,10 +277,35 @@ pub async fn serve(
     let _ = maintenance.await;
     let _ = event_maintenance.await;
     let _ = build_maintenance.await;
+    let _ = rebuilds.await;
+    let _ = webhook_workers.await;
     if let Some(e) = local_executor {
         let _ = e.await;
     }
     result
+}
+
+/// Where webhook bodies say events come from: `builds.public_url`, else
+/// this server's own address.
+fn webhook_settings(config: &Config, bound: std::net::SocketAddr) -> dockyard_webhooks::Settings {
+    let scheme = if config.tls.cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let local = dockyard_buildmanager::loopback_address(bound);
+    let public_url = config
+        .builds
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let source_addr = public_url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| local.to_string(), str::to_string);
+    dockyard_webhooks::Settings::from_config(&config.webhooks, &public_url, &source_addr)
 }
 
 /// Name of the node token of the in-process executor.

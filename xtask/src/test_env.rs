@@ -484,6 +484,8 @@ fn run_tests() -> Result<()> {
                 "api",
                 "builds",
                 "events",
+                "rebuilds",
+                "webhooks",
             ],
             Some(("DOCKYARD_TEST_POSTGRES_URL", POSTGRES_URL)),
         ),

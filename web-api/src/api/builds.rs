@@ -25,7 +25,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiState, Caller, ClientAddress};
 
-async fn need(state: &ApiState, caller: &Caller, repo: &str, role: Role) -> Result<(), ApiError> {
+pub(super) async fn need(
+    state: &ApiState,
+    caller: &Caller,
+    repo: &str,
+    role: Role,
+) -> Result<(), ApiError> {
     let (have, _) = super::repositories::role(state, &caller.0, repo).await?;
     if have >= role {
         Ok(())
@@ -379,7 +384,7 @@ pub async fn create_definition(
     Ok((StatusCode::CREATED, Json(def)))
 }
 
-async fn definition_with_role(
+pub(super) async fn definition_with_role(
     state: &ApiState,
     caller: &Caller,
     id: &str,

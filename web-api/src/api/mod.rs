@@ -12,11 +12,13 @@ mod audit;
 mod builds;
 mod events;
 mod executors;
+mod rebuilds;
 mod repositories;
 mod robots;
 mod session;
 mod tokens;
 mod triggers;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -39,6 +41,8 @@ pub struct ApiState {
     pub tls: bool,
     /// Builds, triggers, executors.
     pub builds: Arc<dockyard_buildmanager::BuildManager>,
+    /// Outbound webhook subscriptions and their deliveries.
+    pub webhooks: Arc<dockyard_webhooks::Webhooks>,
     /// Public base URL for links shown to users (webhook URLs).
     pub public_url: Option<String>,
 }
@@ -113,6 +117,24 @@ impl From<dockyard_buildmanager::BuildError> for ApiError {
             B::Forbidden => Self::forbidden(),
             B::Unauthenticated => Self::unauthorized(),
             B::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", m),
+            e => {
+                tracing::error!(error = %e, "api");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl From<dockyard_webhooks::WebhookError> for ApiError {
+    fn from(e: dockyard_webhooks::WebhookError) -> Self {
+        use dockyard_webhooks::WebhookError as W;
+        match e {
+            W::NotFound(what) => Self::not_found(&what),
+            W::Invalid(m) => Self::invalid(m),
             e => {
                 tracing::error!(error = %e, "api");
                 Self::new(
@@ -241,7 +263,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Dockyard API", version = "1", description = "Repositories, robots, tokens, audit, builds and executors of a Dockyard registry."),
-    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"), (name = "events"), (name = "builds"), (name = "executors"))
+    tags((name = "accounts"), (name = "repositories"), (name = "robots"), (name = "tokens"), (name = "audit"), (name = "events"), (name = "builds"), (name = "executors"), (name = "webhooks"))
 )]
 struct ApiDoc;
 
@@ -277,12 +299,30 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .routes(routes!(builds::cancel))
         .routes(routes!(builds::logs))
         .routes(routes!(builds::list_definitions, builds::create_definition))
-        .routes(routes!(builds::get_definition, builds::delete_definition))
+        .routes(routes!(
+            builds::get_definition,
+            rebuilds::update_definition,
+            builds::delete_definition
+        ))
         .routes(routes!(builds::run_definition))
+        .routes(routes!(rebuilds::list))
         .routes(routes!(triggers::create, triggers::list))
         .routes(routes!(triggers::delete))
         .routes(routes!(triggers::deliveries))
         .routes(routes!(triggers::webhook))
+        .routes(routes!(
+            webhooks::create_repository,
+            webhooks::list_repository
+        ))
+        .routes(routes!(
+            webhooks::create_organization,
+            webhooks::list_organization
+        ))
+        .routes(routes!(webhooks::create_global, webhooks::list_global))
+        .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::delivery))
+        .routes(routes!(webhooks::redeliver))
         .routes(routes!(executors::create_token, executors::list_tokens))
         .routes(routes!(executors::revoke_token))
         .routes(routes!(executors::list_executors))
