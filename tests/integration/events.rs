@@ -134,6 +134,22 @@ async fn registry_changes_are_events_in_order_with_their_details() {
     assert_eq!(pulled[0]["digest"], first.to_string());
     assert!(pulled[0]["tag"].is_null());
 
+    // Each consumer's lag is exported; the webhooks consumer has caught up.
+    let mut lag = String::new();
+    for _ in 0..50 {
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        lag = metrics
+            .lines()
+            .find(|l| l.starts_with("dockyard_events_consumer_lag{consumer=\"webhooks\"}"))
+            .unwrap_or_default()
+            .to_string();
+        if lag.ends_with(" 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lag.ends_with(" 0"), "webhooks consumer lag: {lag:?}");
+
     // The global log is for superusers; it has the same events.
     let all: Value = app.get("/api/v1/events?n=1000").await.json().await.unwrap();
     assert_eq!(all["events"].as_array().unwrap().len(), evs.len() + 1);
