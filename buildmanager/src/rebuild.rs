@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dockyard_core::db::placeholders;
 use dockyard_core::events::{self, ConsumerOptions, Event, Handler, kinds};
 use dockyard_core::now_millis;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -148,14 +149,6 @@ pub(crate) fn is_loopback_host(host: &str) -> bool {
     h.eq_ignore_ascii_case("localhost")
         || h.parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// `"?, ?, ?"` for a list of binds starting at `$first`.
-pub(crate) fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn rebuild_info(r: &sqlx::any::AnyRow) -> sqlx::Result<RebuildInfo> {
@@ -1085,7 +1078,6 @@ mod tests {
         ] {
             assert!(!is_loopback_host(r), "{r}");
         }
-        assert_eq!(placeholders(2, 3), "$2, $3, $4");
     }
 
     #[test]

@@ -123,6 +123,14 @@ impl Db {
     }
 }
 
+/// `$first, $first+1, …` (`n` of them), for an `IN (…)` list of binds.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +155,11 @@ mod tests {
         assert_eq!(n, "a/b");
         // Migrating twice is a no-op.
         db.migrate().await.unwrap();
+    }
+
+    #[test]
+    fn placeholders_number_binds_from_first() {
+        assert_eq!(placeholders(2, 3), "$2, $3, $4");
+        assert_eq!(placeholders(1, 0), "");
     }
 }

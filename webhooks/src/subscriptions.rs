@@ -243,8 +243,10 @@ pub(crate) async fn candidates(
         "SELECT {COLUMNS} FROM webhook_subscriptions WHERE enabled = 1 AND (scope = 'global'"
     );
     if !namespaces.is_empty() {
-        let marks: Vec<String> = (1..=namespaces.len()).map(|i| format!("${i}")).collect();
-        sql.push_str(&format!(" OR namespace IN ({})", marks.join(", ")));
+        sql.push_str(&format!(
+            " OR namespace IN ({})",
+            dockyard_core::db::placeholders(1, namespaces.len())
+        ));
     }
     sql.push_str(") ORDER BY created_at, id");
     let mut q = sqlx::query(&sql);

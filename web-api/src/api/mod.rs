@@ -83,6 +83,16 @@ impl ApiError {
     fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", message)
     }
+    /// A failure that is not the caller's: logged (inside the request span),
+    /// answered with a generic 500.
+    fn internal(e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "api");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
 }
 
 impl From<IdentityError> for ApiError {
@@ -95,14 +105,7 @@ impl From<IdentityError> for ApiError {
             ),
             IdentityError::NotFound(what) => Self::not_found(&what),
             IdentityError::Invalid(what) => Self::invalid(format!("invalid {what}")),
-            e => {
-                tracing::error!(error = %e, "api");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-            }
+            e => Self::internal(&e),
         }
     }
 }
@@ -117,14 +120,7 @@ impl From<dockyard_buildmanager::BuildError> for ApiError {
             B::Forbidden => Self::forbidden(),
             B::Unauthenticated => Self::unauthorized(),
             B::TooLarge(m) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", m),
-            e => {
-                tracing::error!(error = %e, "api");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-            }
+            e => Self::internal(&e),
         }
     }
 }
@@ -135,14 +131,7 @@ impl From<dockyard_webhooks::WebhookError> for ApiError {
         match e {
             W::NotFound(what) => Self::not_found(&what),
             W::Invalid(m) => Self::invalid(m),
-            e => {
-                tracing::error!(error = %e, "api");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-            }
+            e => Self::internal(&e),
         }
     }
 }
